@@ -1,0 +1,53 @@
+# The README's two commands: `make run` (set up + main job) and `make test` (set up + all tests).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MPLBACKEND := Agg
+export WANDB_MODE ?= disabled
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+# Real GLUE files for tests and the GLUE step of `make run`; override with your own GLUE-format folder.
+export CONCEPT_NB_GLUE_DIR ?= $(abspath ../shared/data/glue)
+
+.PHONY: install test test-nbs test-py sync-check run docs bench clean-nbs export readme
+
+$(STAMP): constraints.txt settings.ini setup.py pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Notebooks are clean and the library is what nbdev_export makes of them.
+sync-check: install
+	bash .ci/sync_check.sh $(BIN)
+
+test-nbs: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/nbdev_test --n_workers 2 --timing
+
+test-py: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests -q -x --durations=10
+
+test: sync-check test-nbs test-py
+
+run: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs main
+
+docs: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs docs
+
+bench: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.bench all
+
+export: install
+	$(BIN)/nbdev_export
+clean-nbs: install
+	$(BIN)/nbdev_clean
+
+readme: install
+	$(BIN)/python -c "from concept_nb.docs import write_readme; print(write_readme())"

@@ -1,0 +1,5 @@
+from concept_nb.docs import readme_text, repo_root
+
+def test_readme_is_generated_from_index():
+    root = repo_root(__file__)
+    assert (root / 'README.md').read_text() == readme_text(root), "README.md drifted from nbs/index.ipynb: run `make readme`"
