@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # Real GLUE files for tests and the GLUE step of `make run`; override with your own GLUE-format folder.
 export CONCEPT_NB_GLUE_DIR ?= $(abspath ../shared/data/glue)
 
-.PHONY: install test test-nbs test-py sync-check run docs bench clean-nbs export readme
+.PHONY: install test test-nbs test-py sync-check run docs bench clean-nbs export readme browser experiment-log
 
 $(STAMP): constraints.txt settings.ini setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,15 +28,24 @@ sync-check: install
 	bash .ci/sync_check.sh $(BIN)
 
 test-nbs: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/nbdev_test --n_workers 2 --timing
 
-test-py: install
+# Debian's Chromium for the docs browser test (skipped with a reason when it cannot be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
+	  || echo "chromium not installed: the docs browser test will be skipped"; }
+
+test-py: install browser
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests -q -x --durations=10
 
 test: sync-check test-nbs test-py
 
 run: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs main
+
+experiment-log: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs experiment-log
 
 docs: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs docs
