@@ -13,13 +13,14 @@ from .encoder import ConceptEncoder
 from .heads import build_model, noise_tokens
 
 # %% auto #0
-__all__ = ['SHAPES', 'ENCODER_MODES', 'STEP_MODELS', 'PEAK_TFLOPS', 'PAD', 'UNK', 'CLS', 'SEP', 'MASK', 'ENCODER_COLUMNS',
-           'STEP_COLUMNS', 'PACKING_COLUMNS', 'GPU_COLUMNS', 'BENCHMARKS', 'COLUMNS', 'Shape', 'get_shape',
-           'add_ratios', 'format_table', 'forward_flops', 'flop_ratio', 'ideal_table', 'peak_tflops', 'machine_info',
-           'resolve_device', 'torch_threads', 'time_call', 'interleaved_times', 'rss_peak_supported', 'peak_memory',
-           'concept_config', 'bert_config', 'make_encoder', 'make_step_model', 'n_params', 'mlm_batch', 'tsdae_batch',
-           'diffusion_batch', 'step_batch', 'check_targets', 'format_targets', 'encoder_bench', 'step_breakdown',
-           'step_bench', 'packing_bench', 'gpu_bench', 'run_benchmark', 'report', 'default_out', 'main']
+__all__ = ['SHAPES', 'ENCODER_MODES', 'STEP_MODELS', 'TSDAE_DELETION', 'PEAK_TFLOPS', 'PAD', 'UNK', 'CLS', 'SEP', 'MASK',
+           'ENCODER_COLUMNS', 'STEP_COLUMNS', 'PACKING_COLUMNS', 'GPU_COLUMNS', 'BENCHMARKS', 'COLUMNS', 'Shape',
+           'get_shape', 'add_ratios', 'format_table', 'forward_flops', 'flop_ratio', 'ideal_table', 'peak_tflops',
+           'machine_info', 'resolve_device', 'torch_threads', 'time_call', 'interleaved_times', 'rss_peak_supported',
+           'peak_memory', 'concept_config', 'bert_config', 'make_encoder', 'make_step_model', 'n_params', 'mlm_batch',
+           'masked_reconstruction_batch', 'tsdae_batch', 'diffusion_batch', 'step_batch', 'check_targets',
+           'format_targets', 'encoder_bench', 'step_breakdown', 'step_bench', 'packing_bench', 'gpu_bench',
+           'run_benchmark', 'report', 'default_out', 'main']
 
 # %% ../nbs/12_bench.ipynb #4a3cf85e
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def _decoder_block(R, s:Shape):
 
 ENCODER_MODES = ('bert', 'concept', 'bixt', 'recursive')
 STEP_MODELS = ('bert_mlm', 'perceiver_mlm', 'perceiver_posonly_mlm', 'tsdae_posonly', 'diffusion_mlm')
+TSDAE_DELETION = 0.6   # share of each sequence that TSDAE deletes before the encoder (closed up)
 
 def forward_flops(model:str, # an `ENCODER_MODES` or `STEP_MODELS` name (or weighted_mlm / recursive_mlm)
                   N:int, # sequence length
@@ -124,11 +126,14 @@ def forward_flops(model:str, # an `ENCODER_MODES` or `STEP_MODELS` name (or weig
         enc = (L - 1) * _concept_layer(N, s, bixt=True) + _concept_layer(N, s, bixt=True, update_tokens=False)
     if model in ('concept', 'bixt', 'recursive'):
         return dict(encoder=enc, decoder=0, head=0, total=enc)
-    enc = L * _concept_layer(N, s)
+    # TSDAE's encoder reads only the survivors of 60% deletion (closed up); every other model the whole sequence
+    enc = L * _concept_layer(N - round(TSDAE_DELETION * N) if model == 'tsdae_posonly' else N, s)
     if model in ('perceiver_mlm', 'perceiver_posonly_mlm', 'recursive_mlm', 'weighted_mlm'): M = 0.15 * N if labelled is None else labelled
-    elif model == 'tsdae_posonly': M = N if labelled is None else labelled
+    elif model in ('tsdae_posonly', 'masked_reconstruction_posonly'): M = N if labelled is None else labelled
     elif model == 'diffusion_mlm': M = (1 + t_min) / 2 * N if labelled is None else labelled
-    else: raise ValueError(f"model={model!r}: expected one of {ENCODER_MODES + STEP_MODELS + ('weighted_mlm', 'recursive_mlm')}")
+    else:
+        known = ENCODER_MODES + STEP_MODELS + ('weighted_mlm', 'recursive_mlm', 'masked_reconstruction_posonly')
+        raise ValueError(f"model={model!r}: expected one of {known}")
     R = N if decode == 'all' else M
     if model == 'weighted_mlm': dec = 2 * R * s.concepts * H + _lin(R, H, H)
     elif model == 'diffusion_mlm': dec = s.diffusion_decoder_layers * (_decoder_block(R, s) + _lin(1, H, 6 * H)) + _lin(1, H, 2 * H) + _lin(1, 2 * H, H)
@@ -309,12 +314,20 @@ def mlm_batch(B:int, N:int, vocab:int, frac:float=0.15, seed:int=0) -> dict:
     return dict(input_ids=ids.masked_fill(sel, MASK), attention_mask=torch.ones(B, N, dtype=torch.long),
                 labels=ids.masked_fill(~sel, -100))
 
-def tsdae_batch(B:int, N:int, vocab:int, deletion:float=0.6, seed:int=0) -> dict:
-    "TSDAE batch: clean ids, `deletion` of the tokens hidden by the attention mask, dense labels."
+def masked_reconstruction_batch(B:int, N:int, vocab:int, deletion:float=0.6, seed:int=0) -> dict:
+    "Masked-reconstruction batch: clean ids, `deletion` of the tokens hidden by the attention mask, dense labels."
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(MASK + 1, vocab, (B, N), generator=g)
     keep = torch.rand(B, N, generator=g) >= deletion; keep[:, 0] = True
     return dict(input_ids=ids, attention_mask=keep.long(), labels=ids.clone())
+
+def tsdae_batch(B:int, N:int, vocab:int, deletion:float=TSDAE_DELETION, seed:int=0) -> dict:
+    "TSDAE batch: exactly N - round(deletion*N) survivors per row, closed up, for the encoder; dense labels over all N."
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(MASK + 1, vocab, (B, N), generator=g)
+    k = N - round(deletion * N)
+    keep = torch.rand(B, N, generator=g).argsort(1)[:, :k].sort(1).values      # (B, k) surviving positions, in order
+    return dict(input_ids=ids.gather(1, keep), attention_mask=torch.ones(B, k, dtype=torch.long), labels=ids.clone())
 
 def diffusion_batch(B:int, N:int, vocab:int, t_min:float=0.3, seed:int=0) -> dict:
     "Masked-diffusion batch: clean encoder input, decoder input noised at t evenly spread over [t_min, 1]."
@@ -328,6 +341,7 @@ def diffusion_batch(B:int, N:int, vocab:int, t_min:float=0.3, seed:int=0) -> dic
 def step_batch(name:str, B:int, N:int, vocab:int, seed:int=0) -> dict:
     "The batch a pretraining model `name` trains on."
     if name == 'tsdae_posonly': return tsdae_batch(B, N, vocab, seed=seed)
+    if name == 'masked_reconstruction_posonly': return masked_reconstruction_batch(B, N, vocab, seed=seed)
     if name == 'diffusion_mlm': return diffusion_batch(B, N, vocab, seed=seed)
     return mlm_batch(B, N, vocab, seed=seed)
 

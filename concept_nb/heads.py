@@ -133,21 +133,31 @@ class ConceptEncoderForMaskedLM(ConceptPreTrainedModel):
         "Decoder hidden states (B, N, H) for the given concepts (or (B, M, H) at gathered `positions`)."
         return self.decoder(concepts, input_ids, attention_mask, token_embed=self.encoder.embed, positions=positions)
 
+    def decoder_ids(self, input_ids, labels=None):
+        "The (B, N) ids the decoder is queried with: the encoder input, or a stand-in of the labels' shape (TSDAE)."
+        if labels is None or labels.shape[1] == input_ids.shape[1]: return input_ids
+        if self.config.decoder_type == 'perceiver':   # its queries add the token at each position: none exists here
+            raise ValueError(f"labels have {labels.shape[1]} positions but input_ids {input_ids.shape[1]}: a closed-up "
+                             f"(TSDAE) batch needs a position-only decoder ('posonly', 'weighted'), not 'perceiver'")
+        return torch.full_like(labels, self.config.pad_token_id or 0)          # read for its shape only
+
     def forward(self,
-                input_ids:torch.LongTensor, # (B, N) encoder input (masked, or with deletions hidden by the mask)
-                attention_mask:torch.Tensor|None=None, # (B, N) 1 = visible real token
-                labels:torch.LongTensor|None=None, # (B, N) targets, -100 = ignore
+                input_ids:torch.LongTensor, # (B, N_enc) encoder input: masked, with hidden tokens, or TSDAE survivors
+                attention_mask:torch.Tensor|None=None, # (B, N_enc) 1 = visible real token
+                labels:torch.LongTensor|None=None, # (B, N) targets, -100 = ignore; N > N_enc decodes all N positions
                 output_attentions:bool=False, output_hidden_states:bool=False, return_dict:bool=True,
                 **kwargs) -> ConceptMaskedLMOutput:
         enc = self.encoder(input_ids, attention_mask, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states)
         c = enc.last_hidden_state
+        dec = self.decoder_ids(input_ids, labels)                              # (B, N): positions of the labels
+        dec_mask = attention_mask if dec is input_ids else None
         if labels is None: loss, logits, ml = None, self.lm_head(self.decode(c, input_ids, attention_mask)), None
         elif self.config.decoder_loss == 'dense':
-            loss, logits, ml = lm_loss(self.decode(c, input_ids, attention_mask), labels, self.lm_head, dense=True)
+            loss, logits, ml = lm_loss(self.decode(c, dec, dec_mask), labels, self.lm_head, dense=True)
         else:                                                                  # decode labelled rows only
             pos, valid = labelled_positions(labels)
-            h = self.decode(c, input_ids.gather(1, pos), positions=pos)         # (B, M, H)
+            h = self.decode(c, dec.gather(1, pos), positions=pos)              # (B, M, H)
             loss, logits, ml = lm_loss(h, labels.gather(1, pos).masked_fill(~valid, -100), self.lm_head)
         return ConceptMaskedLMOutput(loss=loss, logits=logits, masked_logits=ml, concepts=enc.last_hidden_state,
                                      hidden_states=enc.hidden_states, attentions=enc.attentions)
@@ -417,7 +427,12 @@ MODEL_REGISTRY = {
     'recursive_mlm': ModelSpec(ConceptEncoderForMaskedLM, dict(decoder_type='perceiver', recursive=True),
                                'weight-tied encoder layer applied num_iterations times + Perceiver decoder'),
     'tsdae_posonly': ModelSpec(ConceptEncoderForMaskedLM, dict(decoder_type='posonly', decoder_loss='dense'),
-                               'TSDAE: position-only decoder, dense reconstruction of every real token'),
+                               'TSDAE: encoder sees the closed-up surviving words, position-only decoder rebuilds '
+                               'every original token'),
+    'masked_reconstruction_posonly': ModelSpec(ConceptEncoderForMaskedLM,
+                                               dict(decoder_type='posonly', decoder_loss='dense'),
+                                               'masked reconstruction (the former TSDAE): hidden tokens keep their '
+                                               'positions, dense reconstruction'),
     'diffusion_mlm': ModelSpec(ConceptEncoderForMaskedDiffusion, dict(decoder_type='diffusion', decoder_layers=2),
                                'masked diffusion: clean-input encoder, AdaLN-Zero cross-attention denoiser'),
 }

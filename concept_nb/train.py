@@ -31,6 +31,7 @@ __all__ = ['OBJECTIVES', 'SCHEDULES', 'WANDB_MODES', 'MIXED_PRECISIONS', 'DEVICE
 # %% ../nbs/07_train.ipynb #edf33213
 OBJECTIVES = {'mlm': ('perceiver_mlm', 'weighted_mlm', 'perceiver_posonly_mlm', 'recursive_mlm'),
               'tsdae': ('tsdae_posonly',),
+              'masked_reconstruction': ('masked_reconstruction_posonly',),
               'diffusion': ('diffusion_mlm',),
               'prefix_diffusion': ('diffusion_mlm',)}
 SCHEDULES = ('linear', 'cosine', 'constant')
@@ -209,7 +210,8 @@ def real_tokens(batch:dict, # a collated batch
     if am is None: am = torch.ones_like(batch['input_ids'])
     if dm is None: return int(am.sum())
     if separate_decoder: return int(am.sum() + dm.sum())        # prefix + suffix
-    return int((am.bool() | dm.bool()).sum())                     # same text (TSDAE deletions, diffusion): count it once
+    if am.shape != dm.shape: return int(dm.sum())                 # TSDAE: the encoder sees a subset, closed up
+    return int((am.bool() | dm.bool()).sum())                     # same text (hidden tokens, diffusion): count it once
 
 
 def _identity(x): return x
@@ -310,7 +312,8 @@ def collator_kwargs(params:dict) -> dict:
     "Collator settings of an objective from the run parameters (always `seed=None`: `BatchStream` seeds it)."
     o = params['objective']
     kw = dict(mlm=dict(mlm_probability=params['mlm_probability'], masking=params['masking']),
-              tsdae=dict(deletion_rate=params['deletion_rate']),
+              tsdae=dict(deletion_rate=params['deletion_rate']),                 # words, closed up
+              masked_reconstruction=dict(deletion_rate=params['deletion_rate']), # tokens, hidden in place
               diffusion=dict(t_min=params['t_min']), prefix_diffusion=dict(t_min=params['t_min']))[o]
     return dict(kw, pad_to_multiple_of=8, seed=None)
 

@@ -57,24 +57,27 @@ OBJECTIVES = [  # (objective, model type, config overrides, collator kwargs)
     ('mlm', 'perceiver_posonly_mlm', {}, dict(mlm_probability=0.3)),
     ('tsdae', 'tsdae_posonly', {}, dict(deletion_rate=0.6)),
     ('tsdae', 'tsdae_posonly', dict(use_bixt=True), dict(deletion_rate=0.6)),
+    ('masked_reconstruction', 'masked_reconstruction_posonly', {}, dict(deletion_rate=0.6)),
     ('diffusion', 'diffusion_mlm', {}, dict(t_min=0.3)),
     ('diffusion', 'diffusion_mlm', dict(use_bixt=True), dict(t_min=0.3)),
     ('prefix_diffusion', 'diffusion_mlm', {}, dict(t_min=0.3)),
 ]
-IDS = ['mlm-posonly', 'tsdae', 'tsdae-bixt', 'diffusion', 'diffusion-bixt', 'prefix-diffusion']
+IDS = ['mlm-posonly', 'tsdae', 'tsdae-bixt', 'masked-reconstruction', 'diffusion', 'diffusion-bixt', 'prefix-diffusion']
 LENGTHS = [70, 23, 41]
 
-def _rows_of(batch, b):
-    "Row b of a batch cut to its own real length (encoder side and decoder side separately), as a batch of one."
+def _rows_of(batch, b, closed=False):
+    """Row b of a batch cut to its own real length (encoder side and decoder side separately), as a batch of one.
+    `closed`: the labels lay out the whole text and the encoder input only the survivors (TSDAE)."""
     am, dm = batch['attention_mask'][b].bool(), batch.get('decoder_attention_mask')
     seq2seq = 'decoder_input_ids' in batch
-    real = am | dm[b].bool() if dm is not None and not seq2seq else am    # TSDAE: deleted tokens are real text too
+    hidden = dm is not None and not seq2seq and not closed               # masked reconstruction: hidden tokens are text
+    real = am | dm[b].bool() if hidden else am
     n_enc = int(real.nonzero().max()) + 1
-    n_dec = int(dm[b].nonzero().max()) + 1 if seq2seq else None
+    n_dec = int(dm[b].nonzero().max()) + 1 if seq2seq or closed else None
     out = {}
     for k, v in batch.items():
         if k == 't': out[k] = v[b:b + 1]
-        elif seq2seq and (k.startswith('decoder_') or k == 'labels'): out[k] = v[b:b + 1, :n_dec]
+        elif (seq2seq or closed) and (k.startswith('decoder_') or k == 'labels'): out[k] = v[b:b + 1, :n_dec]
         else: out[k] = v[b:b + 1, :n_enc]
     return out
 
@@ -108,12 +111,15 @@ def test_padding_is_never_content_end_to_end(objective, name, cfg, ckw):
     # padding inside the plain batch (short rows): never labelled, never [MASK], never visible
     am = plain['attention_mask'].bool()
     dm = plain.get('decoder_attention_mask', plain['attention_mask']).bool()
-    dec_ids = plain.get('decoder_input_ids', plain['input_ids'])
+    closed = objective in ('tsdae', 'prefix_diffusion')                # encoder input and labels laid out separately
     assert (plain['labels'][~dm] == IGNORE_INDEX).all()
-    assert (dec_ids[~dm] == t.pad_token_id).all() and (plain['input_ids'][~am & ~dm if objective != 'prefix_diffusion' else ~am] == t.pad_token_id).all()
-    if objective == 'tsdae':                                          # deletions hide real tokens only
+    if 'decoder_input_ids' in plain: assert (plain['decoder_input_ids'][~dm] == t.pad_token_id).all()
+    assert (plain['input_ids'][~am if closed else ~am & ~dm] == t.pad_token_id).all()
+    if objective == 'masked_reconstruction':                          # deletions hide real tokens only, in place
         deleted = dm & ~am
         assert deleted.any() and (plain['labels'][dm] == plain['input_ids'][dm]).all()
+    if objective == 'tsdae':                                          # the encoder gets fewer tokens than the labels
+        assert (am.sum(1) < dm.sum(1)).all() and torch.equal(dm.sum(1), torch.tensor(LENGTHS))
 
     # the model: losses and concepts do not depend on the padding, and each row alone gives its batch row
     model = model_for(name, **cfg)
@@ -124,11 +130,37 @@ def test_padding_is_never_content_end_to_end(objective, name, cfg, ckw):
         torch.testing.assert_close(o_pad.concepts, o_plain.concepts, rtol=1e-5, atol=1e-6)
         for att in o_pad.attentions:                                  # (B, heads, C, N): no weight on hidden positions
             assert (att.masked_select(~padded['attention_mask'].bool()[:, None, None, :].expand_as(att)) == 0).all()
-        alone = [model(**_rows_of(plain, b)) for b in range(len(LENGTHS))]
+        alone = [model(**_rows_of(plain, b, closed=objective == 'tsdae')) for b in range(len(LENGTHS))]
         torch.testing.assert_close(torch.cat([o.concepts for o in alone]), o_plain.concepts, rtol=1e-5, atol=1e-6)
         w = _n_loss_terms(plain, objective)
         combined = sum(float(o.loss) * float(n) for o, n in zip(alone, w)) / float(w.sum())
         assert math.isclose(combined, float(o_plain.loss), rel_tol=1e-5), (combined, float(o_plain.loss))
+
+
+def test_tsdae_model_encodes_the_closed_up_survivors():
+    """issue 14, defect 4: the `tsdae` encoder must see only the surviving tokens at consecutive positions 0..n-1 (before,
+    deleted tokens kept their positions and the survivors sat at their original ones, so the encoder knew where the
+    gaps were), and the model must rebuild the whole original text: its loss is the dense CE over every real token of
+    the original documents, decoded at positions 0..N-1 from the concepts."""
+    t = tok()
+    batch = collator_for('tsdae', t, seed=4)(features(LENGTHS))
+    model = model_for('tsdae_posonly')
+    am = batch['attention_mask'].bool()
+    surv = [batch['input_ids'][b][am[b]] for b in range(len(LENGTHS))]   # what the encoder attends to, in order
+    ids = torch.full((len(surv), max(len(s) for s in surv)), t.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(surv): ids[b, :len(s)], mask[b, :len(s)] = s, 1
+    orig = torch.full((len(LENGTHS), max(LENGTHS)), IGNORE_INDEX)
+    for b, f in enumerate(features(LENGTHS)): orig[b, :len(f['input_ids'])] = torch.tensor(f['input_ids'])
+    assert all(len(s) < n for s, n in zip(surv, LENGTHS))
+    with torch.no_grad():
+        out = model(**batch)
+        torch.testing.assert_close(out.concepts, model.encoder(ids, mask).last_hidden_state, rtol=1e-5, atol=1e-5)
+        assert torch.equal(batch['labels'], orig)                                  # the original text, dense
+        h = model.decode(out.concepts, torch.zeros_like(orig))                     # (B, N, H) at positions 0..N-1
+        ce = torch.nn.functional.cross_entropy(model.lm_head(h).flatten(0, 1), orig.flatten(), ignore_index=IGNORE_INDEX)
+        assert torch.isfinite(out.loss) and math.isclose(float(out.loss), float(ce), rel_tol=1e-5)
+        assert out.logits.shape[:2] == orig.shape
 
 
 def _ce(logits_row, y):

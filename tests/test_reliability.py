@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 import concept_nb.train as T
 from concept_nb import glue as G, runs as R
-from concept_nb.collators import DiffusionCollator, IGNORE_INDEX, MLMCollator, PrefixDiffusionCollator, TSDAECollator
+from concept_nb.collators import (DiffusionCollator, IGNORE_INDEX, MaskedReconstructionCollator, MLMCollator,
+                                  PrefixDiffusionCollator, TSDAECollator)
 from concept_nb.config import ParamError, atomic_write_json, atomic_write_text
 from concept_nb.data import load_text, load_tokenizer, pack_documents
 from concept_nb.heads import (ConceptEncoderForMaskedLM, build_model, classifier_from_pretrained, load_model,
@@ -860,8 +861,10 @@ def _collators():
         out += [MLMCollator(t, seed=0), MLMCollator(t, mlm_probability=1.0, pad_to_multiple_of=8, seed=1),
                 MLMCollator(t, mlm_probability=0.5, masking='whole_word', seed=2),
                 MLMCollator(t, mlm_probability=0.5, masking='span', span_length=(1, 4), pad_to_multiple_of=8, seed=3),
-                TSDAECollator(t, seed=4), TSDAECollator(t, deletion_rate=0.95, whole_word=True, pad_to_multiple_of=8, seed=5),
-                TSDAECollator(t, deletion_rate=0.0, seed=6), DiffusionCollator(t, seed=7),
+                MaskedReconstructionCollator(t, seed=4),
+                MaskedReconstructionCollator(t, deletion_rate=0.95, whole_word=True, pad_to_multiple_of=8, seed=5),
+                MaskedReconstructionCollator(t, deletion_rate=0.0, seed=6), DiffusionCollator(t, seed=7),
+                TSDAECollator(t, seed=12), TSDAECollator(t, deletion_rate=0.95, pad_to_multiple_of=8, seed=13),
                 DiffusionCollator(t, t_min=1.0, pad_to_multiple_of=8, seed=8), DiffusionCollator(t, t_min=0.01, eps=0.1, seed=9),
                 PrefixDiffusionCollator(t, seed=10), PrefixDiffusionCollator(t, prefix_frac=(0.1, 0.9), pad_to_multiple_of=8, seed=11)]
     return out
@@ -938,6 +941,25 @@ def test_every_collator_on_random_padded_batches(data):
             assert torch.equal(torch.cat([out['input_ids'][b][am[b]], suffix]), want)   # prefix + suffix = the text
         return
     out = coll(feats)
+    if isinstance(coll, TSDAECollator):                 # survivors closed up for the encoder; labels = the original
+        lab, dam, am = out['labels'], out['decoder_attention_mask'].bool(), out['attention_mask'].bool()
+        L = lab.shape[1]
+        assert dam.shape == lab.shape and out['input_ids'].shape == am.shape and len(lab) == B
+        if coll.pad_to_multiple_of: assert L % 8 == 0 and am.shape[1] % 8 == 0
+        orig, real = _reference(refs, L, pad)
+        assert torch.equal(dam, real) and torch.equal(lab, torch.where(real, orig, torch.full_like(orig, IGNORE_INDEX)))
+        keep_always = special(orig) & (orig != t.unk_token_id)           # [CLS]/[SEP]/[MASK]...; [UNK] goes with its word
+        for b in range(B):
+            n = int(am[b].sum())
+            assert am[b, :n].all() and (out['input_ids'][b][~am[b]] == pad).all(), 'gaps or visible padding'
+            enc, text = out['input_ids'][b, :n].tolist(), orig[b][real[b]].tolist()
+            it = iter(text)
+            assert all(x in it for x in enc), 'the encoder input is not a subsequence of the text'
+            x = out['input_ids'][b, :n]
+            assert int((special(x) & (x != t.unk_token_id)).sum()) == int((keep_always[b] & real[b]).sum())
+            words = real[b] & ~keep_always[b]
+            assert n - int(keep_always[b][real[b]].sum()) >= 1 or not words.any(), 'a sequence lost all its words'
+        return
     L = out['input_ids'].shape[1]
     assert all(v.shape == (B, L) for k, v in out.items() if k != 't'), {k: v.shape for k, v in out.items()}
     if coll.pad_to_multiple_of: assert L % coll.pad_to_multiple_of == 0
@@ -953,7 +975,7 @@ def test_every_collator_on_random_padded_batches(data):
         assert not (changed & ~sel).any(), 'an unselected token (or padding) was changed'
         new = out['input_ids'][changed]
         assert ((new == t.mask_token_id) | ~special(new)).all()
-    elif isinstance(coll, TSDAECollator):
+    elif isinstance(coll, MaskedReconstructionCollator):
         am, dam = out['attention_mask'].bool(), out['decoder_attention_mask'].bool()
         assert torch.equal(dam, real) and torch.equal(out['input_ids'], orig) and not (am & ~dam).any()
         assert torch.equal(lab, torch.where(real, orig, torch.full_like(orig, IGNORE_INDEX)))
