@@ -334,3 +334,33 @@ def test_token_queries_carry_a_zero_concepts_control(tok, tmp_path, monkeypatch)
     assert rec['zero_concepts_control']['mrpc/f1'] == round(t['control']['final']['f1'], 4)
     assert rec['tasks']['mrpc']['via_decoder_queries'] == 'token' and 'zero-concepts control final' in format_result(t)
     with pytest.raises(ValueError, match="needs head='via_decoder'"): run_task('mrpc', '', tok, via_decoder_queries='token')
+
+def glue_record(runs_dir, name, metrics):
+    "A completed GLUE record as the runs registry reads it: a papermill notebook of 91_glue beside its metrics.json."
+    import nbformat
+    pm = dict(input_path='nbs/91_glue.ipynb', start_time='2026-01-01T00:00:00', end_time='2026-01-01T00:01:00',
+              parameters=dict(checkpoint='', tasks=','.join(metrics['tasks'])))
+    (runs_dir/f'2026-01-01_{name}').mkdir(parents=True)
+    (runs_dir/f'2026-01-01_{name}'/'metrics.json').write_text(json.dumps(metrics))
+    nbformat.write(nbformat.v4.new_notebook(metadata=dict(papermill=pm)), str(runs_dir/f'2026-01-01_{name}.ipynb'))
+
+def test_runs_tables_state_protocol_and_n_train(tmp_path):
+    "issue 14, defect 8: the experiment log and the comparison report say which protocol and how many train examples each GLUE column used."
+    from concept_nb import runs as R
+    r = dict(task='mrpc', mode='finetune', status='completed', metrics=['accuracy', 'f1'], headline_metric='f1',
+             protocol='standard', n_train=3668, n_train_all=3668, n_select=0, n_dev=408, seeds=[42], epochs=3,
+             final={'f1': 80.0, 'accuracy': 70.0}, best_epoch={'f1': 81.0, 'accuracy': 71.0},
+             control=dict(final={'f1': 79.0, 'accuracy': 69.0}))
+    glue_record(tmp_path, 'new', metrics_record([r], run_name='new'))
+    glue_record(tmp_path, 'old', dict(status='completed', final={'sst2/accuracy': 80.0},      # written before issue 14
+                                      tasks={'sst2': dict(status='completed', mode='finetune', n_train=2000, n_select=200)}))
+    log = R.experiment_log(R.load_registry(tmp_path))
+    assert 'standard: MRPC 3668/3668' in log and 'selection: SST-2 2000' in log
+    res, _ = R.compare_tables(['new', 'old'], tmp_path, {'BERT-base': {'mrpc': {'f1': 88.85}, 'sst2': {'accuracy': 92.32}}})
+    res = res.set_index('task')
+    assert res.loc['MRPC', 'new protocol, n_train/all'].tolist() == ['standard, 3668/3668'] * 2
+    assert res.loc['SST-2', 'old protocol, n_train/all'] == 'selection, 2000' and res.loc['SST-2', 'new protocol, n_train/all'] == ''
+    assert sorted(res.loc['MRPC', 'new zero-concepts control']) == [69.0, 79.0] and 'old zero-concepts control' not in res
+    md = R.compare(['new', 'old'], tmp_path, {'BERT-base': {'mrpc': {'f1': 88.85}}})
+    assert '| new protocol, n_train/all |' in md and 'standard, 3668/3668' in md and 'fitted all of train' in md
+    assert len(R.plot_compare(['new', 'old'], tmp_path, {}).axes[0].patches) == 3 * len(res)   # new, its control, old
