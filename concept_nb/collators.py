@@ -344,11 +344,8 @@ class TSDAECollator(BaseCollator):
 
 # %% ../nbs/05_collators.ipynb #b77a6ea6
 def _noise(n:int, p:float, g:torch.Generator) -> Tensor:
-    "Bool (n,): each of n tokens masked with probability p, at least one when n > 0."
-    m = torch.rand(n, generator=g) < p
-    forced = int(torch.randint(max(n, 1), (1,), generator=g))
-    if n and not m.any(): m[forced] = True
-    return m
+    "Bool (n,): each of n tokens masked independently with probability p (possibly none: forcing one biases the NELBO)."
+    return torch.rand(n, generator=g) < p
 
 def _check_t(t_min, t_max, eps):
     if not 0 <= t_min <= t_max <= 1: raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")

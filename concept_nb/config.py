@@ -9,9 +9,10 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 # %% auto #0
-__all__ = ['POSITION_TYPES', 'DECODER_TYPES', 'CLASSIFIER_HEADS', 'ELBO_WEIGHTINGS', 'ConceptEncoderConfig',
-           'register_auto_classes', 'ParamError', 'check_params', 'validate_params', 'atomic_write_text',
-           'atomic_write_json', 'reserve_run_dir', 'git_info', 'run_environment']
+__all__ = ['POSITION_TYPES', 'DECODER_TYPES', 'CLASSIFIER_HEADS', 'ELBO_WEIGHTINGS', 'RENAMED_RECORD_KEYS',
+           'ConceptEncoderConfig', 'register_auto_classes', 'ParamError', 'check_params', 'validate_params',
+           'atomic_write_text', 'atomic_write_json', 'reserve_run_dir', 'git_info', 'run_environment',
+           'upgrade_record_keys']
 
 # %% ../nbs/00_config.ipynb #cc7a27ce
 POSITION_TYPES = ('none', 'sinusoidal', 'learned')
@@ -48,6 +49,9 @@ class ConceptEncoderConfig(PretrainedConfig):
                  decoder_layers:int=1, # decoder blocks (diffusion uses 2 upstream)
                  decoder_loss:str='sparse', # sparse: only labelled rows reach the LM head; dense: full logits
                  classifier_head:str='weighted_pool', # fine-tuning head: cls_query | weighted_pool | via_decoder | pair
+                 via_decoder_queries:str='position', # via_decoder queries: position (read only the concepts) | token
+                 zero_concepts:bool=False, # classifier control: the head sees zeros instead of the concepts
+                 objective:str|None=None, # pretraining objective the model was trained with (set by the training loop)
                  t_min:float=0.3, # diffusion: smallest noise level sampled
                  label_smoothing:float=0.1, # diffusion: label smoothing of the denoising CE
                  elbo_weighting:str='mdlm', # diffusion loss: none | self_normalized (upstream) | mdlm (NELBO estimator)
@@ -67,6 +71,7 @@ class ConceptEncoderConfig(PretrainedConfig):
         self.use_bixt, self.num_iterations = use_bixt, num_iterations
         self.decoder_type, self.decoder_layers, self.decoder_loss = decoder_type, decoder_layers, decoder_loss
         self.classifier_head = classifier_head
+        self.via_decoder_queries, self.zero_concepts, self.objective = via_decoder_queries, zero_concepts, objective
         self.t_min, self.label_smoothing = t_min, label_smoothing
         self.elbo_weighting, self.timestep_scale = elbo_weighting, timestep_scale
         self.mask_token_id, self.cls_token_id, self.sep_token_id, self.unk_token_id = \
@@ -100,6 +105,11 @@ class ConceptEncoderConfig(PretrainedConfig):
         _check(self.decoder_loss in ('sparse', 'dense'), 'decoder_loss', f"{self.decoder_loss!r} is not 'sparse' or 'dense'")
         _check(self.classifier_head in CLASSIFIER_HEADS, 'classifier_head',
                f"{self.classifier_head!r} is not one of {CLASSIFIER_HEADS}")
+        _check(self.via_decoder_queries in ('position', 'token'), 'via_decoder_queries',
+               f"{self.via_decoder_queries!r} is not 'position' or 'token'")
+        _check(isinstance(self.zero_concepts, bool), 'zero_concepts', f"must be a bool, got {self.zero_concepts!r}")
+        _check(self.objective is None or (isinstance(self.objective, str) and self.objective != ''), 'objective',
+               f"must be None or an objective name, got {self.objective!r}")
         _check(self.elbo_weighting in ELBO_WEIGHTINGS, 'elbo_weighting',
                f"{self.elbo_weighting!r} is not one of {ELBO_WEIGHTINGS}")
         for f in ('hidden_dropout_prob', 'attention_probs_dropout_prob', 'label_smoothing'):
@@ -218,3 +228,14 @@ def run_environment() -> dict:
     return dict(hostname=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
                 torch=torch.__version__, transformers=transformers.__version__, concept_nb=concept_nb.__version__,
                 device=dev, cpu_count=os.cpu_count(), **git_info(Path(concept_nb.__file__).parent))
+
+# %% ../nbs/00_config.ipynb #a3c1e0f2
+RENAMED_RECORD_KEYS = {'nelbo': 'recon_nelbo', 'eval_nelbo': 'eval_recon_nelbo',
+                       'train_nelbo_end': 'train_recon_nelbo_end'}
+
+def upgrade_record_keys(record:dict) -> dict:
+    "A copy of a history / metrics record with old key names renamed (`RENAMED_RECORD_KEYS`); current keys win."
+    out = {RENAMED_RECORD_KEYS.get(k, k): v for k, v in record.items() if k not in RENAMED_RECORD_KEYS}
+    for old, new in RENAMED_RECORD_KEYS.items():
+        if old in record and new not in out: out[new] = record[old]
+    return out

@@ -17,10 +17,11 @@ from .encoder import ConceptPreTrainedModel, ConceptEncoder, Attention, GatedFFN
 __all__ = ['DECODERS', 'CLASSIFIER_REGISTRY', 'MODEL_REGISTRY', 'MODEL_CLASSES', 'ConceptMaskedLMOutput',
            'ConceptClassifierOutput', 'lm_loss', 'WeightedDecoder', 'DecoderBlock', 'PerceiverDecoder',
            'labelled_positions', 'ConceptEncoderForMaskedLM', 'TimestepEmbedding', 'AdaLNZeroBlock', 'DiffusionDecoder',
-           'diffusion_loss', 'noise_tokens', 'ConceptEncoderForMaskedDiffusion', 'masked_mean', 'WeightedPool',
-           'ClsQueryPool', 'sentence_embedding', 'classification_loss', 'ConceptEncoderForSequenceClassification',
-           'ModelSpec', 'model_config', 'build_model', 'register_models', 'read_config', 'load_state_strict',
-           'load_prefixed', 'load_model', 'read_state_dict', 'classifier_from_pretrained']
+           'diffusion_loss', 'maskable_tokens', 'noise_tokens', 'ConceptEncoderForMaskedDiffusion', 'masked_mean',
+           'WeightedPool', 'ClsQueryPool', 'sentence_embedding', 'classification_loss',
+           'ConceptEncoderForSequenceClassification', 'ModelSpec', 'model_config', 'build_model', 'register_models',
+           'read_config', 'load_state_strict', 'load_prefixed', 'load_model', 'read_state_dict',
+           'classifier_from_pretrained']
 
 # %% ../nbs/02_heads.ipynb #c973a928
 @dataclass
@@ -32,7 +33,7 @@ class ConceptMaskedLMOutput(ModelOutput):
     concepts: torch.FloatTensor = None            # (B, C, H)
     hidden_states: tuple|None = None
     attentions: tuple|None = None
-    nelbo: torch.FloatTensor|None = None          # diffusion: unsmoothed MDLM bound estimate, for reporting
+    recon_nelbo: torch.FloatTensor|None = None    # diffusion: unsmoothed bound on -log p(x|concepts(x)), t in [t_min,1]
     t: torch.FloatTensor|None = None              # diffusion: per-sample noise level (B,)
 
 @dataclass
@@ -69,7 +70,8 @@ class WeightedDecoder(nn.Module):
     def forward(self, concepts, input_ids=None, attention_mask=None, token_embed=None, positions=None):
         if positions is None: positions = torch.arange(input_ids.shape[1], device=concepts.device)
         w = self.routing[positions].softmax(-1)                                   # (N, C) or (B, M, C)
-        return self.proj(torch.einsum('...nc,bch->bnh', w, concepts))             # (B, N, H)
+        if w.dim() == 2: w = w.expand(concepts.shape[0], -1, -1)                  # shared positions -> (B, N, C)
+        return self.proj(torch.einsum('bnc,bch->bnh', w, concepts))               # row b reads sample b only
 
 class DecoderBlock(nn.Module):
     "Pre-norm cross-attention block: queries read the concepts, then a gated FFN."
@@ -195,20 +197,25 @@ class DiffusionDecoder(nn.Module):
         return self.norm(x)                                                    # (B, N, H)
 
 # %% ../nbs/02_heads.ipynb #e4585596
-def diffusion_loss(ce, t_rows, n_real:int, weighting:str):
-    "Combine per-token CE (M,) of masked rows with their sample's noise level t_rows (M,)."
-    if ce.numel() == 0: return ce.sum()
+def diffusion_loss(ce, t_rows, n_maskable:int, weighting:str):
+    "Combine per-token CE (M,) of masked rows with their noise level t_rows (M,) over the batch's n_maskable tokens."
+    if ce.numel() == 0: return ce.sum()                                        # nothing masked: 0, not NaN
     if weighting == 'none': return ce.mean()
     if weighting == 'self_normalized':
         w = 1. / t_rows.clamp(min=0.1)
         return (w * ce).sum() / w.sum()
-    return (ce / t_rows).sum() / max(n_real, 1)                                # mdlm / LLaDA estimator
+    return (ce / t_rows).sum() / max(n_maskable, 1)                            # mdlm / LLaDA estimator
+
+def maskable_tokens(input_ids, attention_mask, special_ids=()):
+    "Bool (B, N): real tokens that are not special ([CLS], [SEP], [PAD]), the ones the forward process may mask."
+    real = attention_mask.bool().clone()
+    for s in special_ids:
+        if s is not None: real &= input_ids != s
+    return real
 
 def noise_tokens(input_ids, attention_mask, mask_token_id:int, t, special_ids=(), generator=None):
     "Replace each real, non-special token by [MASK] with probability t_b; returns (noisy_ids, labels)."
-    real = attention_mask.bool()
-    for s in special_ids:
-        if s is not None: real &= input_ids != s
+    real = maskable_tokens(input_ids, attention_mask, special_ids)
     hit = (torch.rand(input_ids.shape, generator=generator, device=input_ids.device) < t[:, None]) & real
     return input_ids.masked_fill(hit, mask_token_id), input_ids.masked_fill(~hit, -100)
 
@@ -242,26 +249,41 @@ class ConceptEncoderForMaskedDiffusion(ConceptPreTrainedModel):
         enc = self.encoder(input_ids, attention_mask, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states)                 # clean text -> concepts
         c = enc.last_hidden_state
-        loss = nelbo = logits = ml = None
+        loss = recon_nelbo = logits = ml = None
         if labels is None: logits = self.lm_head(self.decoder(c, decoder_input_ids, t))   # (B, N, V)
         else:                                                                  # denoise the noised rows only
             pos, valid = labelled_positions(labels)
             h = self.decoder(c, decoder_input_ids.gather(1, pos), t, positions=pos)   # (B, M, H)
             ml = self.lm_head(h[valid])                                           # (M', V): sparse head
             y, t_rows = labels.gather(1, pos)[valid], t[:, None].expand_as(pos)[valid]
-            n_real = int(decoder_attention_mask.sum())
+            # the count holds maskable tokens only ([CLS]/[SEP] are never noised), rows with nothing noised included
+            n = int(maskable_tokens(decoder_input_ids, decoder_attention_mask, self.special_ids).sum())
             ce = F.cross_entropy(ml.float(), y, reduction='none', label_smoothing=self.config.label_smoothing)
-            loss = diffusion_loss(ce, t_rows, n_real, self.config.elbo_weighting)
+            loss = diffusion_loss(ce, t_rows, n, self.config.elbo_weighting)
             with torch.no_grad():
-                nelbo = diffusion_loss(F.cross_entropy(ml.float(), y, reduction='none'), t_rows, n_real, 'mdlm')
+                recon_nelbo = diffusion_loss(F.cross_entropy(ml.float(), y, reduction='none'), t_rows, n, 'mdlm')
         return ConceptMaskedLMOutput(loss=loss, logits=logits, masked_logits=ml, concepts=enc.last_hidden_state,
-                                     hidden_states=enc.hidden_states, attentions=enc.attentions, nelbo=nelbo, t=t)
+                                     hidden_states=enc.hidden_states, attentions=enc.attentions,
+                                     recon_nelbo=recon_nelbo, t=t)
+
+    def encode_context(self, input_ids, attention_mask=None):
+        "Concepts (B, C, H) of a clean context, fed to the encoder as in training; a row with no visible token fails."
+        vis = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).bool()
+        vis = vis & (input_ids != self.config.mask_token_id)                 # training never shows the encoder [MASK]
+        if self.config.objective == 'prefix_diffusion' and self.config.sep_token_id is not None:
+            # the collator encodes x[:k] of "[CLS] text [SEP]": a tokenizer's closing [SEP] is not part of a prefix
+            last = vis & vis.long().cumsum(1).eq(vis.sum(1, keepdim=True))  # (B, N) each row's last visible token
+            vis = vis & ~(last & (input_ids == self.config.sep_token_id))
+        if not vis.any(1).all():
+            raise ValueError(f"rows {(~vis.any(1)).nonzero().flatten().tolist()} have no visible encoder token "
+                             "(all padding or [MASK]): their concepts would be NaN")
+        return self.encoder(input_ids, vis.long()).last_hidden_state
 
     @torch.no_grad()
     def generate(self,
                  decoder_input_ids:torch.LongTensor, # (B, M) ids with [MASK] where tokens are to be generated
                  decoder_attention_mask=None, # (B, M) 1 = real decoder position
-                 input_ids=None, # (B, N) clean context for the encoder (e.g. a prefix); None: the known tokens
+                 input_ids=None, # (B, N) clean context for the encoder: the text (diffusion) or its prefix
                  attention_mask=None, # (B, N) mask of `input_ids`
                  num_steps:int=10, # denoising steps
                  temperature:float=1.0, # sampling temperature; 0 = greedy
@@ -271,13 +293,15 @@ class ConceptEncoderForMaskedDiffusion(ConceptPreTrainedModel):
         mid = self.config.mask_token_id
         x = decoder_input_ids.clone()
         dmask = torch.ones_like(x) if decoder_attention_mask is None else decoder_attention_mask
-        if input_ids is None:   # infilling: the encoder sees only the clean known tokens, as in training
-            input_ids, attention_mask = x, dmask * (x != mid)
-        c = self.encoder(input_ids, attention_mask).last_hidden_state
+        if input_ids is None:
+            raise ValueError(f"generate needs input_ids: this model (objective {self.config.objective!r}) reconstructs "
+                             "from concepts of the clean text (or, for prefix_diffusion, of the clean prefix)")
+        c = self.encode_context(input_ids, attention_mask)
+        can = maskable_tokens(x, dmask, self.special_ids).sum(1).clamp(min=1)   # (B,) positions t is a share of
         for s in range(num_steps):
             todo = (x == mid) & dmask.bool()
             if not todo.any(): break
-            t = torch.full((x.shape[0],), 1 - s / num_steps, device=x.device)
+            t = todo.sum(1).float() / can                                  # the real share still masked, as in training
             logits = self.lm_head(self.decoder(c, x, t)).float()                 # (B, M, V)
             logits[..., mid] = -float('inf')
             if top_k: logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[..., -1:], -float('inf'))
@@ -340,7 +364,9 @@ class ConceptEncoderForSequenceClassification(ConceptPreTrainedModel):
         if head == 'via_decoder':
             if config.decoder_type not in ('perceiver', 'posonly'):
                 raise ValueError(f"classifier_head='via_decoder' needs a Perceiver decoder, got decoder_type={config.decoder_type!r}")
-            self.decoder = DECODERS[config.decoder_type](config)
+            # position-only queries unless asked for the token shortcut (the weights are the same either way)
+            posonly = config.decoder_type == 'posonly' or config.via_decoder_queries == 'position'
+            self.decoder = PerceiverDecoder(config, posonly=posonly)
             self.pre_pool_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
         else: self.pool = CLASSIFIER_REGISTRY[head](config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -349,10 +375,11 @@ class ConceptEncoderForSequenceClassification(ConceptPreTrainedModel):
 
     def features(self, input_ids, attention_mask):
         "Pooled features (B, H) and the concepts of one (joint) input."
-        c = self.encoder(input_ids, attention_mask).last_hidden_state
-        if self.config.classifier_head != 'via_decoder': return self.pool(c), c
+        c = self.encoder(input_ids, attention_mask).last_hidden_state             # (B, C, H)
+        z = torch.zeros_like(c) if self.config.zero_concepts else c               # control: the head cannot read c
+        if self.config.classifier_head != 'via_decoder': return self.pool(z), c
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
-        h = self.decoder(c, input_ids, attention_mask, token_embed=self.encoder.embed)
+        h = self.decoder(z, input_ids, attention_mask, token_embed=self.encoder.embed)
         return masked_mean(self.pre_pool_norm(h), attention_mask), c
 
     def forward(self,

@@ -11,7 +11,7 @@ import yaml, nbformat
 import pandas as pd
 import matplotlib
 from matplotlib.figure import Figure
-from .config import ParamError, check_params, atomic_write_json, atomic_write_text, reserve_run_dir
+from .config import ParamError, check_params, atomic_write_json, atomic_write_text, reserve_run_dir, upgrade_record_keys
 from .docs import repo_root
 
 # %% auto #0
@@ -532,7 +532,7 @@ def read_run(path # a record (.ipynb) or its run folder
     cell = metrics_from_notebook(nb) if nb is not None else None
     mj, pj, rj = (_read_json(run_dir/f) for f in ('metrics.json', 'params.json', 'run.json'))
     cfg = _read_json(run_dir/'model'/'config.json') or _read_json(run_dir/'config.json') or {}
-    metrics = {**(mj or {}), **(cell or {})}
+    metrics = upgrade_record_keys({**(mj or {}), **(cell or {})})   # old records: eval_nelbo -> eval_recon_nelbo
     status, err = _run_status(nb, pm_meta, cell, mj, rj)
     if problem and status != 'failed': status, err = 'incomplete', problem
     if status == 'completed' and metrics.get('status') == 'failed': status = 'failed'

@@ -11,7 +11,8 @@ from typing import Iterator
 import numpy as np
 import torch, torch.nn as nn
 from .config import (POSITION_TYPES, ELBO_WEIGHTINGS, ConceptEncoderConfig, ParamError, check_params, atomic_write_json,
-                     atomic_write_text, git_info, run_environment, reserve_run_dir)
+                     atomic_write_text, git_info, run_environment, reserve_run_dir,
+                     upgrade_record_keys)
 from .heads import MODEL_REGISTRY, build_model, read_state_dict, load_state_strict, load_prefixed
 from .losses import LOSS_REGISTRY, WEIGHTINGS, LossConfig, LossManager
 
@@ -323,7 +324,7 @@ def pretrain_model_config(params:dict, tokenizer) -> dict:
                 token_embedding_dim=p['token_embedding_dim'] or None, use_bixt=p['use_bixt'],
                 num_iterations=p['num_iterations'] or None, concept_position_type=p['concept_position_type'],
                 max_sequence_length=p['block_size'], t_min=p['t_min'], elbo_weighting=p['elbo_weighting'],
-                tokenizer_name=p['tokenizer'], **ids)
+                objective=p['objective'], tokenizer_name=p['tokenizer'], **ids)
 
 def build_pretraining(params:dict, # resolved run parameters (see `resolve_params`)
                       log=print, # progress messages
@@ -655,18 +656,19 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(msg); self.step, self.checkpoint = step, checkpoint
 
 class PretrainingModule(nn.Module):
-    "Model + LossManager as one module: forward(batch) -> (total loss, task loss, nelbo or None, breakdown)."
+    "Model + LossManager as one module: forward(batch) -> (total loss, task loss, recon_nelbo or None, breakdown)."
     def __init__(self, model:nn.Module, loss_manager:nn.Module):
         super().__init__()
         self.model, self.loss_manager = model, loss_manager
     def forward(self, batch:dict):
         out = self.model(**batch)
         total, breakdown = self.loss_manager(out.loss, out.concepts)
-        return total, out.loss.detach(), getattr(out, 'nelbo', None), breakdown
+        return total, out.loss.detach(), getattr(out, 'recon_nelbo', None), breakdown
 
 class History(list):
     "Log records (dicts with `step` and `kind`), with `.of(kind)` and `.frame(kind)`."
     step:int = 0; last_checkpoint:str|None = None; run_dir:str|None = None; wall_s:float = 0.
+    def __init__(self, records=()): super().__init__(upgrade_record_keys(r) for r in records)   # old records: new keys
     def of(self, kind:str) -> list[dict]: return [r for r in self if r.get('kind') == kind]
     def frame(self, kind:str|None=None):
         import pandas as pd
@@ -687,7 +689,7 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
              accelerator=None, # reduce over processes when given
              return_concepts:bool=False, # also return the (n, C, H) concepts
             ):
-    "Held-out task loss (+ NELBO, concept losses) and concept-geometry metrics."
+    "Held-out task loss (+ reconstruction NELBO, concept losses) and concept-geometry metrics."
     from concept_nb.analysis import concept_metrics
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
@@ -699,7 +701,7 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
             for k in range(n_batches):
                 out = model(**_to(eval_data.batch(k, rank, world), device))
                 vals = {'eval_loss': out.loss.float()}
-                if getattr(out, 'nelbo', None) is not None: vals['eval_nelbo'] = out.nelbo.float()
+                if getattr(out, 'recon_nelbo', None) is not None: vals['eval_recon_nelbo'] = out.recon_nelbo.float()
                 if loss_manager is not None and getattr(loss_manager, 'names', None):
                     _, br = loss_manager(out.loss.float(), out.concepts)
                     vals.update({f'eval/{k2}': torch.tensor(v) for k2, v in br.items() if k2.startswith('loss/') and k2 != 'loss/total'})
@@ -750,13 +752,13 @@ def _tags(params:dict|None) -> list[str]:
 def _fmt_log(r:dict, steps:int) -> str:
     s = f"step {r['step']:>{len(str(steps))}}/{steps} | loss {r['loss']:.4f}"
     if r.get('task_loss') is not None and abs(r['task_loss'] - r['loss']) > 1e-12: s += f" (task {r['task_loss']:.4f})"
-    if r.get('nelbo') is not None: s += f" | nelbo {r['nelbo']:.4f}"
+    if r.get('recon_nelbo') is not None: s += f" | recon_nelbo {r['recon_nelbo']:.4f}"
     return s + (f" | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s"
                 f" | {r['steps_per_s']:.2f} step/s")
 
 def _fmt_eval(r:dict) -> str:
     s = f"eval @ step {r['step']} | loss {r['eval_loss']:.4f}"
-    if 'eval_nelbo' in r: s += f" | nelbo {r['eval_nelbo']:.4f}"
+    if 'eval_recon_nelbo' in r: s += f" | recon_nelbo {r['eval_recon_nelbo']:.4f}"
     return s + (f" | eff. rank {r['concept/effective_rank']:.2f} | RankMe {r['concept/rankme']:.2f}"
                 f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}")
 
@@ -914,7 +916,7 @@ def train(model:nn.Module, # a pretraining model (its forward takes the collator
             w = window
             w['n'] = w.get('n', 0) + 1; w['loss'] = w.get('loss', 0.) + loss; w['task_loss'] = w.get('task_loss', 0.) + task_loss
             w['grad_norm'] = w.get('grad_norm', 0.) + gn; w['time'] = w.get('time', 0.) + dt; w['tokens'] = w.get('tokens', 0) + ntok
-            if nelbo_sum is not None: w['nelbo'] = w.get('nelbo', 0.) + nelbo_v
+            if nelbo_sum is not None: w['recon_nelbo'] = w.get('recon_nelbo', 0.) + nelbo_v
             for k, v in zip(bk, brv): w['br/' + k] = w.get('br/' + k, 0.) + v
             if cfg.progress and is_main: bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
             if step % cfg.log_every == 0 or step == stop:
@@ -924,7 +926,7 @@ def train(model:nn.Module, # a pretraining model (its forward takes the collator
                 tok_all, t_all = extra[0].item(), extra[1].item() / world
                 tokens_total += int(tok_all); train_s += t_all
                 r = dict(step=step, kind='train', epoch=train_data.epoch(g, world), loss=w['loss'] / n, task_loss=w['task_loss'] / n)
-                if 'nelbo' in w: r['nelbo'] = w['nelbo'] / n
+                if 'recon_nelbo' in w: r['recon_nelbo'] = w['recon_nelbo'] / n
                 r.update(lr=sched.get_last_lr()[0], grad_norm=w['grad_norm'] / n, tokens_per_s=tok_all / max(t_all, 1e-9),
                          steps_per_s=n / max(t_all, 1e-9), tokens=tokens_total, train_s=round(train_s, 3),
                          elapsed_s=round(time.time() - t_start, 3))
@@ -1003,10 +1005,14 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
         ax.plot([r['step'] for r in tr], [r['loss'] for r in tr], label='train loss (total)', lw=1.5)
         if any(abs(r['task_loss'] - r['loss']) > 1e-9 for r in tr):
             ax.plot([r['step'] for r in tr], [r['task_loss'] for r in tr], label='train task loss', lw=1, alpha=.8)
-        if 'nelbo' in tr[-1]: ax.plot([r['step'] for r in tr], [r.get('nelbo') for r in tr], label='train NELBO', lw=1, ls=':')
+        if 'recon_nelbo' in tr[-1]:
+            ax.plot([r['step'] for r in tr], [r.get('recon_nelbo') for r in tr], label='train recon NELBO',
+                    lw=1, ls=':')
     if ev:
         ax.plot([r['step'] for r in ev], [r['eval_loss'] for r in ev], 'o-', ms=4, label='held-out task loss')
-        if 'eval_nelbo' in ev[-1]: ax.plot([r['step'] for r in ev], [r.get('eval_nelbo') for r in ev], 's--', ms=3, label='held-out NELBO')
+        if 'eval_recon_nelbo' in ev[-1]:
+            ax.plot([r['step'] for r in ev], [r.get('eval_recon_nelbo') for r in ev], 's--', ms=3,
+                    label='held-out recon NELBO')
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=.3)
     if tr:
         a2 = ax.twinx()
@@ -1022,14 +1028,16 @@ def run_metrics(history:History, params:dict, status:str='completed') -> dict:
     m = dict(status=status, run_name=params.get('run_name'), model_type=params.get('model_type'),
              objective=params.get('objective'), steps=history.step, wall_s=round(history.wall_s, 2),
              checkpoint=history.last_checkpoint, finished_at=_now())
+    if any('recon_nelbo' in r for r in tr) or any('eval_recon_nelbo' in r for r in ev):
+        m['recon_nelbo_t_range'] = [params.get('t_min'), 1.0]              # the bound averages t over this range only
     if tr:
         m.update(train_loss_start=tr[0]['loss'], train_loss_end=tr[-1]['loss'], task_loss_end=tr[-1]['task_loss'],
                  tokens=tr[-1]['tokens'], tokens_per_s=tr[-1]['tokens'] / max(tr[-1]['train_s'], 1e-9),
                  steps_per_s=history.step / max(tr[-1]['train_s'], 1e-9))
-        if 'nelbo' in tr[-1]: m['train_nelbo_end'] = tr[-1]['nelbo']
+        if 'recon_nelbo' in tr[-1]: m['train_recon_nelbo_end'] = tr[-1]['recon_nelbo']
     if ev:
         m.update(eval_loss_start=ev[0]['eval_loss'], eval_loss=ev[-1]['eval_loss'])
-        if 'eval_nelbo' in ev[-1]: m['eval_nelbo'] = ev[-1]['eval_nelbo']
+        if 'eval_recon_nelbo' in ev[-1]: m['eval_recon_nelbo'] = ev[-1]['eval_recon_nelbo']
         for k in ('effective_rank', 'effective_rank_normalized', 'rankme', 'rankme_per_sample', 'mean_concept_similarity',
                   'max_concept_similarity'):
             m[k] = ev[-1].get(f'concept/{k}')

@@ -267,7 +267,7 @@ def test_prefix_diffusion():
             assert (dec[b][sel] == tok.mask_token_id).all()
             assert torch.where(sel, lab[b], dec[b])[:m].tolist() == x[k:]
             cand = ~special(tok, torch.tensor(x[k:]))
-            assert not (sel[:m] & ~cand).any() and sel.sum() >= 1
+            assert not (sel[:m] & ~cand).any()              # a row may get no mask (none is forced, issue 14)
             n_cand += int(cand.sum()); n_masked += int(sel.sum()); expected += float(out['t'][b]) * int(cand.sum())
             fracs.append(k / n)
     assert abs(sum(fracs) / len(fracs) - 0.4) < 0.02

@@ -79,8 +79,11 @@ def _rows_of(batch, b):
     return out
 
 def _n_loss_terms(batch, objective):
-    "How a row's loss is weighted in the batch loss: labelled rows (MLM/TSDAE means) or real decoder tokens (MDLM)."
-    if objective in ('diffusion', 'prefix_diffusion'): return batch['decoder_attention_mask'].sum(1).double()
+    "How a row's loss is weighted in the batch loss: labelled rows (MLM/TSDAE means) or maskable decoder tokens (MDLM)."
+    if objective in ('diffusion', 'prefix_diffusion'):       # real, non-special: [CLS]/[SEP] are never noised (issue 14)
+        t, ids = tok(), batch['decoder_input_ids']
+        special = (ids == t.cls_token_id) | (ids == t.sep_token_id) | (ids == t.pad_token_id)
+        return (batch['decoder_attention_mask'].bool() & ~special).sum(1).double()
     return (batch['labels'] != IGNORE_INDEX).sum(1).double()
 
 
@@ -155,13 +158,13 @@ def test_mdlm_estimator_equals_its_formula(smoothing):
     logits[0, 102] += 4.0; logits[2, 107] -= 2.0                        # some confident, some wrong predictions
     model.lm_head = FixedHead(logits)
     ce = [_ce(logits[i].tolist(), y) for i, y in enumerate([102, 104, 107])]
-    n_real = 7                                                          # real decoder tokens: padding is not counted
+    n_real = 7                                                          # maskable decoder tokens: padding is not counted
     nelbo = (ce[0] / 0.5 + ce[1] / 0.5 + ce[2] / 0.25) / n_real          # MDLM / LLaDA: sum of CE / t over B*L real tokens
     batch = dict(input_ids=ids, attention_mask=am, decoder_input_ids=dec, decoder_attention_mask=am, labels=labels, t=t)
     for weighting in ('mdlm', 'self_normalized', 'none'):
         model.config.elbo_weighting = weighting
         out = model(**batch)
-        assert math.isclose(float(out.nelbo), nelbo, rel_tol=1e-5), weighting    # the reported bound is always MDLM, unsmoothed
+        assert math.isclose(float(out.recon_nelbo), nelbo, rel_tol=1e-5), weighting    # the reported bound is always MDLM, unsmoothed
         if smoothing == 0:
             want = dict(mdlm=nelbo, self_normalized=(2 * ce[0] + 2 * ce[1] + 4 * ce[2]) / 8, none=sum(ce) / 3)[weighting]
             assert math.isclose(out.loss.item(), want, rel_tol=1e-5), weighting
@@ -193,16 +196,17 @@ def test_generate_infills_every_mask_and_keeps_context(temperature, top_k, steps
     b = collator_for('diffusion', t, seed=1, t_min=0.5)(features([40, 17]))
     x, dm = b['decoder_input_ids'], b['decoder_attention_mask']
     calls = _spy_encoder(model)
-    out = model.generate(x, dm, num_steps=steps, temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(0))
+    out = model.generate(x, dm, input_ids=b['input_ids'], attention_mask=b['attention_mask'], num_steps=steps,
+                         temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(0))
     todo = (x == mid) & dm.bool()
     assert todo.sum() > 5
     assert not ((out == mid) & dm.bool()).any()                         # every mask is filled ...
     assert torch.equal(out[~todo], x[~todo])                            # ... and nothing else changes (context, padding)
     assert (out[~dm.bool()] == pad).all()
-    # the encoder ran once, on the clean known tokens only (as in training: it never sees [MASK])
+    # the encoder ran once, on the clean text (the diffusion objective's concepts; it never sees [MASK])
     assert len(calls) == 1
     ids, am = calls[0]
-    assert torch.equal(am, (dm.bool() & (x != mid)).to(am.dtype)) and not (ids[am.bool()] == mid).any()
+    assert torch.equal(ids, b['input_ids']) and torch.equal(am, b['attention_mask']) and not (ids[am.bool()] == mid).any()
 
 def test_generate_from_a_prefix_fills_the_suffix():
     t = tok()
@@ -253,15 +257,17 @@ def test_prefix_loss_ignores_the_prefix():
         assert torch.equal(model(**other).loss, ref.loss)                   # a different (shorter) prefix: same loss
         model.encoder.forward = enc
         assert not torch.equal(model(**other).loss, ref.loss)               # with the real encoder the prefix matters
-    # the normaliser counts suffix tokens only (prefix tokens are neither labelled nor counted)
+    # the normaliser counts maskable suffix tokens only (prefix tokens and the suffix's [SEP] are never noised)
     with torch.no_grad():
         rows = b['labels'].flatten() != IGNORE_INDEX
         h = model.decoder(ref.concepts, b['decoder_input_ids'], b['t'])
         ce = torch.nn.functional.cross_entropy(model.lm_head(h.flatten(0, 1)[rows]).float(), b['labels'].flatten()[rows],
                                                reduction='none')
         t_rows = b['t'][:, None].expand_as(b['labels']).flatten()[rows]
-        want = (ce / t_rows).sum() / b['decoder_attention_mask'].sum()
-        assert torch.allclose(ref.nelbo, want, rtol=1e-5)
+        dec = b['decoder_input_ids']
+        n = (b['decoder_attention_mask'].bool() & (dec != t.sep_token_id) & (dec != t.cls_token_id)).sum()
+        want = (ce / t_rows).sum() / n
+        assert torch.allclose(ref.recon_nelbo, want, rtol=1e-5)
 
 
 SMALL_RUN = dict(hidden_size=32, concept_num=4, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
