@@ -159,7 +159,8 @@ def majority_baseline(task:str|TaskSpec, # a classification task
 TASK_EPOCHS = {'sst2': 5, 'qnli': 3, 'qqp': 3, 'mnli_matched': 3, 'mnli_mismatched': 3, 'paws': 5,
                'sick_relatedness': 10, 'sick_entailment': 10}   # upstream launchers; other tasks: 20
 GLUE_DEFAULTS = dict(batch_size=96, lr=1e-5, max_length=128, weight_decay=0.01, warmup_steps=100, scheduler='linear',
-                     max_grad_norm=1.0, protocol='standard', select_fraction=0.1, min_select=64, max_select=2000, patience=0)
+                     max_grad_norm=1.0, protocol='standard', select_fraction=0.1, min_select=64, max_select=2000,
+                     patience=0)
 GLUE_PRESETS = {
     'cpu-smoke': dict(tasks='mrpc,stsb,sst2', epochs=1, batch_size=16, lr=1e-5, max_length=128, train_subset=64,
                       eval_subset=64, seeds='42', zero_shot=True, device='cpu', protocol='standard'),
@@ -207,7 +208,8 @@ def _device_rule(v):
 GLUE_RULES = dict(
     tasks=_msg(parse_tasks), seeds=_msg(parse_seeds), head=tuple(CLASSIFIER_REGISTRY), pair_encoding=PAIR_ENCODINGS,
     epochs=('>=', 0), batch_size=('>=', 1), lr=('>', 0), max_length=('>=', 8), train_subset=('>=', 0),
-    eval_subset=('>=', 0), protocol=GLUE_PROTOCOLS, via_decoder_queries=VIA_DECODER_QUERIES, select_fraction=lambda v: None if 0 < v < 1 else f"must be in (0, 1), got {v!r}",
+    eval_subset=('>=', 0), protocol=GLUE_PROTOCOLS, via_decoder_queries=VIA_DECODER_QUERIES,
+    select_fraction=lambda v: None if 0 < v < 1 else f"must be in (0, 1), got {v!r}",
     patience=('>=', 0), warmup_steps=('>=', 0), weight_decay=('>=', 0), wandb_mode=('offline', 'online', 'disabled'),
     device=_device_rule,
 )
@@ -317,7 +319,7 @@ def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
                      head:str='weighted_pool', # a key of `CLASSIFIER_REGISTRY` (ignored for transformers models)
                      seed:int=42, # torch seed set before the new weights are created
                      max_length:int=128, # longest input
-                     **config_kwargs, # concept-encoder config overrides, e.g. via_decoder_queries='token', zero_concepts=True
+                     **config_kwargs, # concept-encoder config overrides, e.g. zero_concepts=True
                     ):
     "A sequence classifier for `task` on `checkpoint`; returns (model, load_report)."
     ck, spec = resolve_checkpoint(checkpoint), get_task(task)
@@ -333,7 +335,8 @@ def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
         model, report = classifier_from_pretrained(ck.path, head, num_labels=nl, problem_type=pt, **config_kwargs)
     else:
         if head == 'pair': raise ValueError(f"head='pair' needs a concept encoder; {ck.name!r} is a transformers model")
-        if config_kwargs: raise ValueError(f"{sorted(config_kwargs)} configure concept encoders; {ck.name!r} is a transformers model")
+        if config_kwargs:
+            raise ValueError(f"{sorted(config_kwargs)} configure concept encoders; {ck.name!r} is a transformers model")
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
         v = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()   # "newly initialized classifier" is expected
@@ -538,7 +541,7 @@ def finetune(model, # a sequence classifier returning `.loss` and `.logits`
 def summarize_history(history:list, # per-epoch rows with 'select/<m>' and 'dev/<m>' keys
                       task:str|TaskSpec, # sets the headline metric
                      ) -> dict:
-    "final (last epoch), selected (best *selection-slice* epoch; only with one) and best_epoch (best *dev* epoch) dev metrics."
+    "final (last epoch), selected (best *selection-slice* epoch, if any) and best_epoch (best *dev* epoch) dev metrics."
     spec = get_task(task); m = spec.headline_metric
     names = [k[4:] for k in history[0] if k.startswith('dev/')]
     dev = lambda r: {k: r[f'dev/{k}'] for k in names}
@@ -592,10 +595,10 @@ def run_task(task:str|TaskSpec, # task name
              protocol:str='standard', # 'standard': fit all of train, no selection slice; 'selection': hold a slice out
              select_fraction:float=0.1, min_select:int=64, max_select:int=2000, # the held-out slice ('selection')
              patience:int=0, # early stopping on the selection slice (0 = off; 'selection' only)
-             via_decoder_queries:str='position', # head 'via_decoder': 'position', or 'token' (adds a zero-concepts control)
+             via_decoder_queries:str='position', # head 'via_decoder': 'position' or 'token' (+ a zero-concepts control)
              device:str='auto', # 'auto', 'cpu', 'cuda', ...
              log:Callable|None=print, # progress lines
-             on_epoch:Callable|None=None, # called with (task, seed, history row); the control's task is '<task>/zero_concepts'
+             on_epoch:Callable|None=None, # called with (task, seed, history row); control: task '<task>/zero_concepts'
             ) -> dict:
     "Fine-tune and evaluate one task over `seeds`; returns a JSON-able result dict (metrics ×100, unrounded)."
     spec, ck, t0 = get_task(task), resolve_checkpoint(checkpoint), time.time()
@@ -616,8 +619,9 @@ def run_task(task:str|TaskSpec, # task name
            for k, v in dict(fit=fit, select=select, dev=dev).items()}
     n_all, n_sel = len(data['train']), 0 if select is None else len(select)
     held = f"{n_sel} selection (held out from train)" if select is not None else 'no selection slice'
-    if log: log(f"[{spec.name}] protocol {protocol}: {len(fit)} of {n_all} train examples fitted / {held} / {len(dev)} dev "
-                f"examples; {epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, {pair_encoding} encoding, seeds {seeds}")
+    if log: log(f"[{spec.name}] protocol {protocol}: {len(fit)} of {n_all} train examples fitted / {held} / "
+                f"{len(dev)} dev examples; {epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, "
+                f"{pair_encoding} encoding, seeds {seeds}")
     cfg = dict(via_decoder_queries=via_decoder_queries) if head == 'via_decoder' else {}
 
     def fit_seeds(name, **extra):
@@ -626,8 +630,10 @@ def run_task(task:str|TaskSpec, # task name
         for seed in seeds:
             model, report = build_classifier(ck, spec, tok, head, seed, max_length, **cfg, **extra)
             if log and seed == seeds[0]:
-                log(f"[{name}] model: {type(model).__name__} ({ck.kind}), {sum(p.numel() for p in model.parameters())/1e6:.2f}M "
-                    f"parameters; loaded {report['loaded']} tensors" + (f", new: {len(report['new'])}" if ck.kind == 'concept' else ''))
+                n = sum(p.numel() for p in model.parameters()) / 1e6
+                new = f", new: {len(report['new'])}" if ck.kind == 'concept' else ''
+                log(f"[{name}] model: {type(model).__name__} ({ck.kind}), {n:.2f}M parameters; "
+                    f"loaded {report['loaded']} tensors{new}")
             cb = (lambda row, seed=seed: on_epoch(name, seed, row)) if on_epoch else None
             r = finetune(model, enc['fit'], enc['select'], enc['dev'], spec, tok.pad_token_id, epochs=epochs,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
@@ -639,18 +645,19 @@ def run_task(task:str|TaskSpec, # task name
 
     per_seed, report = fit_seeds(spec.name)
     control = None
-    if cfg.get('via_decoder_queries') == 'token':       # token queries can bypass the concepts: fit the same head on zeros
-        if log: log(f"[{spec.name}] control: the same head and seeds with the concepts replaced by zeros (zero_concepts=True)")
+    if cfg.get('via_decoder_queries') == 'token':     # token queries can bypass the concepts: fit the head on zeros
+        if log: log(f"[{spec.name}] control: the same head and seeds, concepts replaced by zeros (zero_concepts=True)")
         ctl, _ = fit_seeds(f"{spec.name}/zero_concepts", zero_concepts=True)
         control = dict(zero_concepts=True, per_seed=ctl, **aggregate(ctl))
     majority = None if spec.is_regression else \
         compute_metrics(spec, np.full(len(dev), np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()), enc['dev'].labels)
     return dict(task=spec.name, mode='finetune', status='completed', metrics=list(task_metric_names(spec)),
                 headline_metric=spec.headline_metric, checkpoint=ck.name, source_run=ck.source_run, head=head,
-                pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds, epochs=epochs, batch_size=batch_size,
-                lr=lr, max_length=max_length, n_train=len(fit), n_train_all=n_all, n_select=n_sel, n_dev=len(dev),
-                per_seed=per_seed, **aggregate(per_seed), control=control, majority=majority,
-                load_report={k: v for k, v in (report or {}).items() if k != 'new'}, time_s=round(time.time() - t0, 2))
+                pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds, epochs=epochs,
+                batch_size=batch_size, lr=lr, max_length=max_length, n_train=len(fit), n_train_all=n_all,
+                n_select=n_sel, n_dev=len(dev), per_seed=per_seed, **aggregate(per_seed), control=control,
+                majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
+                time_s=round(time.time() - t0, 2))
 
 def _protocol(r:dict) -> str|None:
     "A result's protocol; records from before the choice existed all held a selection slice out."
@@ -702,7 +709,7 @@ def results_table(results:dict|Sequence[dict], # `run_task` / `zero_shot_task` r
                   majority:bool=True, # add the 'majority class' baseline that `run_task` measured on the same dev rows
                   digits:int=2, # decimals shown
                  ) -> pd.DataFrame:
-    "Our scores (with protocol and train examples) beside the baselines with delta columns, one row per task and metric."
+    "Our scores, protocol and train examples beside the baselines with delta columns, one row per task and metric."
     if compare not in ('final', 'selected', 'best_epoch'): raise ValueError(f"compare={compare!r}: final | selected | best_epoch")
     results = [results] if isinstance(results, dict) else list(results)
     if not isinstance(baselines, pd.DataFrame): base = baseline_rows(baselines)
@@ -733,7 +740,8 @@ def results_table(results:dict|Sequence[dict], # `run_task` / `zero_shot_task` r
     if df.empty: return df
     names = [c for c in df.columns if f'Δ {c}' in df.columns]
     df = df.drop(columns=[c for b in names if df[b].isna().all() for c in (b, f'Δ {b}')])   # baselines without a value here
-    for c in df.columns.drop(['task', 'mode', 'metric', 'protocol']): df[c] = pd.to_numeric(df[c], errors='coerce').astype(float)
+    for c in df.columns.drop(['task', 'mode', 'metric', 'protocol']):
+        df[c] = pd.to_numeric(df[c], errors='coerce').astype(float)
     return df.round(digits)
 
 def plot_learning_curves(history:list|dict, # one seed's rows, {label: rows}, or a `run_task` result
@@ -811,12 +819,13 @@ class RunLogger:
     def event(self, **row):
         with open(self.dir/'history.jsonl', 'a', encoding='utf-8') as f: f.write(json.dumps(_clean(row)) + '\n')
 
-PROTOCOL_NOTE = ("dev scores ×100. protocol 'standard': fit all of train (n_train examples; a train_subset when set), "
-                 "no selection slice, final = last epoch (headline), as the BERT-base rows were made; protocol 'selection': "
-                 "a slice of train is held out (n_select), so only n_train of the n_train_all train examples are fitted, "
-                 "and selected = epoch chosen on that slice (dev never used for decisions). best_epoch = best dev epoch, "
-                 "upstream's protocol, optimistic because dev chose it. Baseline columns fitted all n_train_all train "
-                 "examples: BERT-base reports its last epoch, the upstream seed figures their best dev epoch of one seed. "
+PROTOCOL_NOTE = ("dev scores ×100. protocol 'standard': fit all of train (n_train examples; a train_subset when "
+                 "set), no selection slice, final = last epoch (headline), as the BERT-base rows were made; protocol "
+                 "'selection': a slice of train is held out (n_select), so only n_train of the n_train_all train "
+                 "examples are fitted, and selected = epoch chosen on that slice (dev never used for decisions). "
+                 "best_epoch = best dev epoch, upstream's protocol, optimistic because dev chose it. Baseline columns "
+                 "fitted all n_train_all train examples: BERT-base reports its last epoch, the upstream seed figures "
+                 "their best dev epoch of one seed. "
                  "zero-concepts control (via_decoder with token queries): the same head and seeds fine-tuned on zeros "
                  "instead of the concepts.")
 
@@ -824,15 +833,16 @@ def metrics_record(results:Sequence[dict], # completed, skipped and failed task 
                    status:str='completed', # running | completed | failed
                    **info, # run_name, checkpoint, source_run, head, protocol, ... copied in
                   ) -> dict:
-    "The JSON-safe `metrics.json` dict of a GLUE run: scores per protocol number, the protocol and train examples per task."
-    protos = sorted({_protocol(r) for r in results if r.get('mode') == 'finetune' and r.get('status') == 'completed'} - {None})
+    "The JSON-safe `metrics.json` dict of a GLUE run: scores, the protocol and the train examples of each task."
+    done = [r for r in results if r.get('mode') == 'finetune' and r.get('status') == 'completed']
+    protos = sorted({_protocol(r) for r in done} - {None})
     info = {'protocol': ' + '.join(protos) or None, **info}           # the run's parameter wins when it is given
     rec = dict(status=status, **info, protocol_note=PROTOCOL_NOTE, n_train={}, headline={}, final={}, final_sd={},
                selected={}, best_epoch={}, zero_concepts_control={}, zero_shot={}, majority={}, tasks={})
     for r in results:
         key = r['task'] + (' zero-shot' if r.get('mode') == 'zero_shot' else '')
-        rec['tasks'][key] = {k: r[k] for k in ('status', 'message', 'mode', 'protocol', 'n_train', 'n_train_all', 'n_select',
-                                                'n_dev', 'epochs', 'seeds', 'via_decoder_queries', 'time_s',
+        rec['tasks'][key] = {k: r[k] for k in ('status', 'message', 'mode', 'protocol', 'n_train', 'n_train_all',
+                                                'n_select', 'n_dev', 'epochs', 'seeds', 'via_decoder_queries', 'time_s',
                                                 'headline_metric') if k in r}
         if r.get('status') != 'completed': continue
         if r['mode'] == 'zero_shot':

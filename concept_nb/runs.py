@@ -453,8 +453,10 @@ def glue_protocol(metrics:Mapping|None, # metrics of a GLUE run
     out = {}
     for t, d in ((metrics or {}).get('tasks') or {}).items():
         task = canon_task(t)
-        if task is None or not isinstance(d, Mapping) or d.get('mode', 'finetune') != 'finetune' or 'n_train' not in d: continue
-        out[task] = (d.get('protocol') or ('selection' if d.get('n_select') else None), d.get('n_train'), d.get('n_train_all'))
+        if task is None or not isinstance(d, Mapping) or d.get('mode', 'finetune') != 'finetune': continue
+        if 'n_train' not in d: continue
+        protocol = d.get('protocol') or ('selection' if d.get('n_select') else None)
+        out[task] = (protocol, d.get('n_train'), d.get('n_train_all'))
     return out
 
 def glue_control(metrics:Mapping|None, # metrics of a GLUE run
@@ -731,8 +733,8 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
     lines += ['', '## GLUE runs', '']
     if glue:
         lines.append(md_table(
-            ['date', 'run id', 'status', 'source run', 'tasks', 'protocol: train examples fitted/all', 'scores (final epoch)',
-             'best epoch', 'record'],
+            ['date', 'run id', 'status', 'source run', 'tasks', 'protocol: train examples fitted/all',
+             'scores (final epoch)', 'best epoch', 'record'],
             [[_v(r, 'date'), r.run_name, _status(r), _v(r, 'source_run_id') or _v(r, 'source_run'), _v(r, 'tasks'),
               _train_summary(glue_protocol(r.metrics)), _score_str(r.glue, key_only=False),
               _score_str(r.glue_best, key_only=False), _link(_v(r, 'record'), rel_to)]
@@ -906,12 +908,13 @@ def compare(runs, # run ids, run names or record paths
     out = ['## Results vs Baselines', '']
     if len(results):
         out += ["GLUE dev scores x100. Run columns: final epoch (the headline; best-epoch scores are in each GLUE record). "
-                "`<run> protocol, n_train/all`: how each task was fine-tuned (standard: all of train, no selection slice; "
-                "selection: a slice of train held out) and the train examples fitted / the whole train split. "
-                "Baseline columns fitted all of train: BERT-base reports its last epoch; seed columns the best dev epoch "
-                "of one seed, as upstream reported them, so they flatter the seeds. `<run> zero-concepts control`: the "
-                "same via_decoder head (token queries) and seeds fine-tuned on zeros instead of the concepts. "
-                "Δ = run − baseline: positive is better.", '', _df_md(results, 2)]
+                "`<run> protocol, n_train/all`: how each task was fine-tuned (standard: all of train, no selection "
+                "slice; selection: a slice of train held out) and the train examples fitted / the whole train split. "
+                "Baseline columns fitted all of train: BERT-base reports its last epoch; seed columns the best dev "
+                "epoch of one seed, as upstream reported them, so they flatter the seeds. "
+                + ("`<run> zero-concepts control`: the same via_decoder head (token queries) and seeds fine-tuned on "
+                   "zeros instead of the concepts. " if results.attrs.get('controls') else '')
+                + "Δ = run − baseline: positive is better.", '', _df_md(results, 2)]
         src = _baseline_sources()
         notes = [f"- {n}: {src[n]}" for n in results.attrs.get('baselines', []) if n in src]
         if notes: out += ['', 'Baseline sources:', '', *notes]
