@@ -22,14 +22,14 @@ from .data import TASKS, TaskSpec, TaskDataError, get_task, load_task, load_toke
 
 # %% auto #0
 __all__ = ['METRICS', 'BASELINE_SOURCES', 'BASELINE_ROWS', 'BASELINES', 'DEFAULT_BASELINES', 'TASK_EPOCHS', 'GLUE_DEFAULTS',
-           'GLUE_PRESETS', 'PAIR_ENCODINGS', 'ZERO_SHOT_TASKS', 'GLUE_RULES', 'REFERENCE_ENCODERS', 'PROTOCOL_NOTE',
-           'task_metric_names', 'to_predictions', 'compute_metrics', 'baseline_rows', 'majority_baseline',
-           'default_epochs', 'parse_tasks', 'parse_seeds', 'check_glue_params', 'Checkpoint', 'resolve_checkpoint',
-           'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable', 'load_splits', 'take_subset',
-           'split_train', 'Encoded', 'encode_task', 'collate', 'resolve_device', 'predict', 'finetune',
-           'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task', 'format_result', 'zero_shot_task',
-           'results_table', 'plot_learning_curves', 'plot_results', 'default_run_name', 'RunLogger', 'metrics_record',
-           'init_wandb']
+           'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES', 'ZERO_SHOT_TASKS', 'GLUE_RULES',
+           'REFERENCE_ENCODERS', 'CONTROL', 'PROTOCOL_NOTE', 'task_metric_names', 'to_predictions', 'compute_metrics',
+           'baseline_rows', 'majority_baseline', 'default_epochs', 'parse_tasks', 'parse_seeds', 'check_glue_params',
+           'Checkpoint', 'resolve_checkpoint', 'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable',
+           'load_splits', 'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task', 'collate',
+           'resolve_device', 'predict', 'finetune', 'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task',
+           'format_result', 'zero_shot_task', 'results_table', 'plot_learning_curves', 'plot_results',
+           'default_run_name', 'RunLogger', 'metrics_record', 'init_wandb']
 
 # %% ../nbs/08_glue.ipynb #f8b372bd
 def _corr(fn, p, y) -> float:
@@ -159,14 +159,18 @@ def majority_baseline(task:str|TaskSpec, # a classification task
 TASK_EPOCHS = {'sst2': 5, 'qnli': 3, 'qqp': 3, 'mnli_matched': 3, 'mnli_mismatched': 3, 'paws': 5,
                'sick_relatedness': 10, 'sick_entailment': 10}   # upstream launchers; other tasks: 20
 GLUE_DEFAULTS = dict(batch_size=96, lr=1e-5, max_length=128, weight_decay=0.01, warmup_steps=100, scheduler='linear',
-                     max_grad_norm=1.0, select_fraction=0.1, min_select=64, max_select=2000, patience=0)
+                     max_grad_norm=1.0, protocol='standard', select_fraction=0.1, min_select=64, max_select=2000,
+                     patience=0)
 GLUE_PRESETS = {
     'cpu-smoke': dict(tasks='mrpc,stsb,sst2', epochs=1, batch_size=16, lr=1e-5, max_length=128, train_subset=64,
-                      eval_subset=64, seeds='42', zero_shot=True, device='cpu'),
+                      eval_subset=64, seeds='42', zero_shot=True, device='cpu', protocol='standard'),
     'upstream': dict(tasks='mrpc,stsb,qqp,mnli_matched,mnli_mismatched', epochs=0, batch_size=96, lr=1e-5, max_length=128,
-                     train_subset=0, eval_subset=0, seeds='42,43,44', zero_shot=True, device='auto'),
+                     train_subset=0, eval_subset=0, seeds='42,43,44', zero_shot=True, device='auto',
+                     protocol='standard'),
 }
 PAIR_ENCODINGS = ('joint', 'separate')
+GLUE_PROTOCOLS = ('standard', 'selection')   # all of train, last epoch | a slice of train held out for selection
+VIA_DECODER_QUERIES = ('position', 'token')   # queries of the via_decoder head (ConceptEncoderConfig field)
 ZERO_SHOT_TASKS = ('stsb', 'sick_relatedness')
 
 def default_epochs(task:str|TaskSpec) -> int:
@@ -204,7 +208,8 @@ def _device_rule(v):
 GLUE_RULES = dict(
     tasks=_msg(parse_tasks), seeds=_msg(parse_seeds), head=tuple(CLASSIFIER_REGISTRY), pair_encoding=PAIR_ENCODINGS,
     epochs=('>=', 0), batch_size=('>=', 1), lr=('>', 0), max_length=('>=', 8), train_subset=('>=', 0),
-    eval_subset=('>=', 0), select_fraction=lambda v: None if 0 < v < 1 else f"must be in (0, 1), got {v!r}",
+    eval_subset=('>=', 0), protocol=GLUE_PROTOCOLS, via_decoder_queries=VIA_DECODER_QUERIES,
+    select_fraction=lambda v: None if 0 < v < 1 else f"must be in (0, 1), got {v!r}",
     patience=('>=', 0), warmup_steps=('>=', 0), weight_decay=('>=', 0), wandb_mode=('offline', 'online', 'disabled'),
     device=_device_rule,
 )
@@ -213,6 +218,12 @@ def check_glue_params(params:dict, # validated run parameters
                      ) -> dict:
     "Cross-parameter checks (head 'pair' ⇔ separate encoding of sentence-pair tasks); raise `ParamError`."
     head, enc = params.get('head', 'weighted_pool'), params.get('pair_encoding', 'joint')
+    if params.get('patience', 0) and params.get('protocol', 'standard') != 'selection':
+        raise ParamError(f"patience={params['patience']} stops on the held-out selection slice, which only "
+                         "protocol='selection' has: set protocol='selection' or patience=0")
+    if params.get('via_decoder_queries', 'position') != 'position' and head != 'via_decoder':
+        raise ParamError(f"via_decoder_queries={params['via_decoder_queries']!r} sets the queries of the via_decoder "
+                         f"head: set head='via_decoder' (got head={head!r}) or via_decoder_queries='position'")
     if enc == 'separate' and head != 'pair':
         raise ParamError(f"pair_encoding='separate' encodes the two sentences separately, which only the 'pair' head reads; "
                          f"set head='pair' (got head={head!r}) or pair_encoding='joint'")
@@ -308,6 +319,7 @@ def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
                      head:str='weighted_pool', # a key of `CLASSIFIER_REGISTRY` (ignored for transformers models)
                      seed:int=42, # torch seed set before the new weights are created
                      max_length:int=128, # longest input
+                     **config_kwargs, # concept-encoder config overrides, e.g. zero_concepts=True
                     ):
     "A sequence classifier for `task` on `checkpoint`; returns (model, load_report)."
     ck, spec = resolve_checkpoint(checkpoint), get_task(task)
@@ -317,12 +329,14 @@ def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
     if ck.kind == 'random':
         if head == 'via_decoder': warnings.warn("head='via_decoder' on a random model: its decoder is random too")
         model = ConceptEncoderForSequenceClassification(tiny_config(tokenizer, max_length, classifier_head=head,
-                                                                    num_labels=nl, problem_type=pt))
+                                                                    num_labels=nl, problem_type=pt, **config_kwargs))
         report = dict(loaded=0, new=sorted(model.state_dict()), note='tiny randomly initialised model: nothing loaded')
     elif ck.kind == 'concept':
-        model, report = classifier_from_pretrained(ck.path, head, num_labels=nl, problem_type=pt)
+        model, report = classifier_from_pretrained(ck.path, head, num_labels=nl, problem_type=pt, **config_kwargs)
     else:
         if head == 'pair': raise ValueError(f"head='pair' needs a concept encoder; {ck.name!r} is a transformers model")
+        if config_kwargs:
+            raise ValueError(f"{sorted(config_kwargs)} configure concept encoders; {ck.name!r} is a transformers model")
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
         v = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()   # "newly initialized classifier" is expected
@@ -390,6 +404,14 @@ def split_train(train, # the task's train split
     perm = np.random.default_rng(seed).permutation(n)
     return train.select(sorted(perm[k:].tolist())), train.select(sorted(perm[:k].tolist()))
 
+def protocol_split(train, # the task's train split
+                   protocol:str='standard', # 'standard' (fit all of train) or 'selection' (hold out a slice)
+                   fraction:float=0.1, min_n:int=64, max_n:int=2000, # the selection slice (see `split_train`)
+                  ) -> tuple:
+    "(fit, select) under `protocol`: all of train and no slice (None) for 'standard', `split_train` for 'selection'."
+    if protocol not in GLUE_PROTOCOLS: raise ValueError(f"protocol={protocol!r}: expected one of {GLUE_PROTOCOLS}")
+    return (train, None) if protocol == 'standard' else split_train(train, fraction, min_n, max_n)
+
 @dataclass
 class Encoded:
     "A tokenized split: feature lists (padded per batch) and labels."
@@ -456,7 +478,7 @@ def _linear_schedule(warmup:int, total:int):
 def _finite(v) -> float: return v if v is not None and not math.isnan(v) else -math.inf
 
 def finetune(model, # a sequence classifier returning `.loss` and `.logits`
-             fit:Encoded, select:Encoded, dev:Encoded, # train part, held-out selection slice, dev set
+             fit:Encoded, select:Encoded|None, dev:Encoded, # train part, held-out selection slice (None: standard), dev
              task:str|TaskSpec, # sets the metrics; selection uses its headline metric
              pad_id:int, # the tokenizer's pad id
              epochs:int=3, batch_size:int=96, lr:float=1e-5, weight_decay:float=0.01, warmup_steps:int=100,
@@ -470,7 +492,9 @@ def finetune(model, # a sequence classifier returning `.loss` and `.logits`
             ) -> dict:
     "Fine-tune `model`; returns per-epoch history and the final / selected / best-epoch dev metrics (unrounded)."
     spec = get_task(task)
-    if len(fit) == 0 or len(select) == 0 or len(dev) == 0: raise ValueError(f"{spec.name}: empty fit/select/dev split")
+    if len(fit) == 0 or len(dev) == 0 or select is not None and len(select) == 0:
+        raise ValueError(f"{spec.name}: empty fit/select/dev split")
+    if patience and select is None: raise ValueError(f"{spec.name}: patience={patience} needs a selection slice")
     dev_t = resolve_device(device); model.to(dev_t)
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
@@ -494,15 +518,18 @@ def finetune(model, # a sequence classifier returning `.loss` and `.logits`
             opt.zero_grad(set_to_none=True); loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             opt.step(); sched.step(); step += 1; losses.append(loss.item())
-        ms = compute_metrics(spec, predict(model, select, pad_id, 2 * batch_size, dev_t), select.labels, digits=None)
+        ms = {} if select is None else \
+            compute_metrics(spec, predict(model, select, pad_id, 2 * batch_size, dev_t), select.labels, digits=None)
         md = compute_metrics(spec, predict(model, dev, pad_id, 2 * batch_size, dev_t), dev.labels, digits=None)
         row = dict(kind='eval', epoch=ep, step=step, train_loss=float(np.mean(losses)), lr=opt.param_groups[0]['lr'],
                    time_s=round(time.time() - t0, 2), **{f'select/{k}': v for k, v in ms.items()},
                    **{f'dev/{k}': v for k, v in md.items()})
         hist.append(row)
         if on_epoch: on_epoch(row)
-        if log: log(f"{tag}epoch {ep}/{epochs} step {step} loss {row['train_loss']:.4f} | select {head} {ms[head]:.2f} | dev "
+        if log: log(f"{tag}epoch {ep}/{epochs} step {step} loss {row['train_loss']:.4f} | "
+                    + (f"select {head} {ms[head]:.2f} | " if ms else '') + 'dev '
                     + ' '.join(f"{k} {v:.2f}" for k, v in md.items()) + f" ({row['time_s']:.1f}s)")
+        if not ms: continue                                    # standard protocol: nothing to select or stop on
         if _finite(ms[head]) > best_sel: best_sel, bad = _finite(ms[head]), 0
         else:
             bad += 1
@@ -514,14 +541,16 @@ def finetune(model, # a sequence classifier returning `.loss` and `.logits`
 def summarize_history(history:list, # per-epoch rows with 'select/<m>' and 'dev/<m>' keys
                       task:str|TaskSpec, # sets the headline metric
                      ) -> dict:
-    "final (last epoch), selected (best *selection-slice* epoch) and best_epoch (best *dev* epoch, optimistic) dev metrics."
+    "final (last epoch), selected (best *selection-slice* epoch, if any) and best_epoch (best *dev* epoch) dev metrics."
     spec = get_task(task); m = spec.headline_metric
     names = [k[4:] for k in history[0] if k.startswith('dev/')]
     dev = lambda r: {k: r[f'dev/{k}'] for k in names}
-    sel = max(range(len(history)), key=lambda i: (_finite(history[i][f'select/{m}']), -i))   # ties: earliest epoch
+    out = dict(history=history, epochs_run=len(history), final=dev(history[-1]))
+    if f'select/{m}' in history[0]:                                  # the selection protocol scored a held-out slice
+        sel = max(range(len(history)), key=lambda i: (_finite(history[i][f'select/{m}']), -i))   # ties: earliest epoch
+        out.update(selected=dev(history[sel]), selected_epoch=sel + 1)
     best = max(range(len(history)), key=lambda i: (_finite(history[i][f'dev/{m}']), -i))
-    return dict(history=history, epochs_run=len(history), final=dev(history[-1]), selected=dev(history[sel]),
-                selected_epoch=sel + 1, best_epoch=dev(history[best]), best_dev_epoch=best + 1)
+    return {**out, 'best_epoch': dev(history[best]), 'best_dev_epoch': best + 1}
 
 # %% ../nbs/08_glue.ipynb #40b1f61b
 def aggregate(per_seed:list, # per-seed dicts with 'final', 'selected', 'best_epoch'
@@ -563,53 +592,88 @@ def run_task(task:str|TaskSpec, # task name
              source:str|Path|None=None, # GLUE-layout folder, 'hub', or None for $CONCEPT_NB_GLUE_DIR
              train_subset:int=0, # train on at most this many examples (0 = all)
              eval_subset:int=0, # score at most this many dev / selection examples (0 = all)
-             select_fraction:float=0.1, min_select:int=64, max_select:int=2000, # the held-out selection slice
-             patience:int=0, # early stopping on the selection slice (0 = off)
+             protocol:str='standard', # 'standard': fit all of train, no selection slice; 'selection': hold a slice out
+             select_fraction:float=0.1, min_select:int=64, max_select:int=2000, # the held-out slice ('selection')
+             patience:int=0, # early stopping on the selection slice (0 = off; 'selection' only)
+             via_decoder_queries:str='position', # head 'via_decoder': 'position' or 'token' (+ a zero-concepts control)
              device:str='auto', # 'auto', 'cpu', 'cuda', ...
              log:Callable|None=print, # progress lines
-             on_epoch:Callable|None=None, # called with (task, seed, history row)
+             on_epoch:Callable|None=None, # called with (task, seed, history row); control: task '<task>/zero_concepts'
             ) -> dict:
     "Fine-tune and evaluate one task over `seeds`; returns a JSON-able result dict (metrics ×100, unrounded)."
     spec, ck, t0 = get_task(task), resolve_checkpoint(checkpoint), time.time()
     seeds = parse_seeds(seeds); epochs = epochs or default_epochs(spec)
     if pair_encoding == 'separate' and head != 'pair' or head == 'pair' and pair_encoding != 'separate':
         raise ValueError(f"head={head!r} with pair_encoding={pair_encoding!r}: the 'pair' head and separate encoding go together")
+    if via_decoder_queries not in VIA_DECODER_QUERIES:
+        raise ValueError(f"via_decoder_queries={via_decoder_queries!r}: expected one of {VIA_DECODER_QUERIES}")
+    if via_decoder_queries == 'token' and head != 'via_decoder':
+        raise ValueError(f"via_decoder_queries='token' needs head='via_decoder', got head={head!r}")
+    if patience and protocol != 'selection': raise ValueError(f"patience={patience} needs protocol='selection'")
     tok = _tok(tokenizer, ck)
     data = load_splits(spec, source)
-    fit, select = split_train(data['train'], select_fraction, min_select, max_select)
-    fit, select, dev = take_subset(fit, train_subset), take_subset(select, eval_subset), take_subset(data['validation'], eval_subset)
-    enc = {k: encode_task(v, spec, tok, max_length, pair_encoding) for k, v in dict(fit=fit, select=select, dev=dev).items()}
-    if log: log(f"[{spec.name}] {len(fit)} train / {len(select)} selection (held out from train) / {len(dev)} dev examples; "
-                f"{epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, {pair_encoding} encoding, seeds {seeds}")
-    per_seed, report = [], None
-    for seed in seeds:
-        model, report = build_classifier(ck, spec, tok, head, seed, max_length)
-        if log and seed == seeds[0]:
-            log(f"[{spec.name}] model: {type(model).__name__} ({ck.kind}), {sum(p.numel() for p in model.parameters())/1e6:.2f}M "
-                f"parameters; loaded {report['loaded']} tensors" + (f", new: {len(report['new'])}" if ck.kind == 'concept' else ''))
-        cb = (lambda row, seed=seed: on_epoch(spec.name, seed, row)) if on_epoch else None
-        r = finetune(model, enc['fit'], enc['select'], enc['dev'], spec, tok.pad_token_id, epochs=epochs, batch_size=batch_size,
-                     lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
-                     patience=patience, seed=seed, device=device, log=log, on_epoch=cb, tag=f"[{spec.name} seed {seed}] ")
-        per_seed.append(dict(seed=seed, **r))
-        del model
+    fit, select = protocol_split(data['train'], protocol, select_fraction, min_select, max_select)
+    fit, dev = take_subset(fit, train_subset), take_subset(data['validation'], eval_subset)
+    select = None if select is None else take_subset(select, eval_subset)
+    enc = {k: v if v is None else encode_task(v, spec, tok, max_length, pair_encoding)
+           for k, v in dict(fit=fit, select=select, dev=dev).items()}
+    n_all, n_sel = len(data['train']), 0 if select is None else len(select)
+    held = f"{n_sel} selection (held out from train)" if select is not None else 'no selection slice'
+    if log: log(f"[{spec.name}] protocol {protocol}: {len(fit)} of {n_all} train examples fitted / {held} / "
+                f"{len(dev)} dev examples; {epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, "
+                f"{pair_encoding} encoding, seeds {seeds}")
+    cfg = dict(via_decoder_queries=via_decoder_queries) if head == 'via_decoder' else {}
+
+    def fit_seeds(name, **extra):
+        "One fresh model per seed, fine-tuned on the same splits; returns (per-seed results, the last load report)."
+        per_seed, report = [], None
+        for seed in seeds:
+            model, report = build_classifier(ck, spec, tok, head, seed, max_length, **cfg, **extra)
+            if log and seed == seeds[0]:
+                n = sum(p.numel() for p in model.parameters()) / 1e6
+                new = f", new: {len(report['new'])}" if ck.kind == 'concept' else ''
+                log(f"[{name}] model: {type(model).__name__} ({ck.kind}), {n:.2f}M parameters; "
+                    f"loaded {report['loaded']} tensors{new}")
+            cb = (lambda row, seed=seed: on_epoch(name, seed, row)) if on_epoch else None
+            r = finetune(model, enc['fit'], enc['select'], enc['dev'], spec, tok.pad_token_id, epochs=epochs,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         max_grad_norm=max_grad_norm, patience=patience, seed=seed, device=device, log=log, on_epoch=cb,
+                         tag=f"[{name} seed {seed}] ")
+            per_seed.append(dict(seed=seed, **r))
+            del model
+        return per_seed, report
+
+    per_seed, report = fit_seeds(spec.name)
+    control = None
+    if cfg.get('via_decoder_queries') == 'token':     # token queries can bypass the concepts: fit the head on zeros
+        if log: log(f"[{spec.name}] control: the same head and seeds, concepts replaced by zeros (zero_concepts=True)")
+        ctl, _ = fit_seeds(f"{spec.name}/zero_concepts", zero_concepts=True)
+        control = dict(zero_concepts=True, per_seed=ctl, **aggregate(ctl))
     majority = None if spec.is_regression else \
         compute_metrics(spec, np.full(len(dev), np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()), enc['dev'].labels)
     return dict(task=spec.name, mode='finetune', status='completed', metrics=list(task_metric_names(spec)),
                 headline_metric=spec.headline_metric, checkpoint=ck.name, source_run=ck.source_run, head=head,
-                pair_encoding=pair_encoding, seeds=seeds, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
-                n_train=len(fit), n_select=len(select), n_dev=len(dev), per_seed=per_seed, **aggregate(per_seed),
+                pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds, epochs=epochs,
+                batch_size=batch_size, lr=lr, max_length=max_length, n_train=len(fit), n_train_all=n_all,
+                n_select=n_sel, n_dev=len(dev), per_seed=per_seed, **aggregate(per_seed), control=control,
                 majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
                 time_s=round(time.time() - t0, 2))
 
+def _protocol(r:dict) -> str|None:
+    "A result's protocol; records from before the choice existed all held a selection slice out."
+    return r.get('protocol') or ('selection' if r.get('n_select') else None)
+
 def format_result(r:dict) -> str:
-    "One log line summarising a task result (mean ± sd over seeds)."
+    "One log line summarising a task result (mean ± sd over seeds), its protocol and train examples."
     if r.get('status') != 'completed': return f"[{r['task']}] {r.get('status')}: {r.get('message', '')}"
     if r['mode'] == 'zero_shot': return f"[{r['task']} zero-shot] " + ', '.join(f"{m} {v:.2f}" for m, v in r['final'].items())
     f = lambda part: ', '.join(f"{m} {v:.2f}" + (f" ± {r[part + '_sd'][m]:.2f}" if part == 'final' and len(r['seeds']) > 1 else '')
                                for m, v in r[part].items())
-    return (f"[{r['task']}] {len(r['seeds'])} seed(s): final {f('final')} | selected (held-out train) {f('selected')} | "
-            f"best dev epoch (optimistic) {f('best_epoch')}")
+    sel = f" | selected (held-out train) {f('selected')}" if r.get('selected') else ''
+    ctl = (' | zero-concepts control final ' + ', '.join(f"{m} {v:.2f}" for m, v in r['control']['final'].items())
+           if r.get('control') else '')
+    return (f"[{r['task']}] {len(r['seeds'])} seed(s), {_protocol(r)} protocol, {r.get('n_train')} train examples: "
+            f"final {f('final')}{sel} | best dev epoch (optimistic) {f('best_epoch')}{ctl}")
 
 @torch.no_grad()
 def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: stsb or sick_relatedness
@@ -633,16 +697,19 @@ def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: sts
     m = compute_metrics(spec, torch.cat(sims), enc.labels, digits=None)
     if log: log(f"[{spec.name} zero-shot] {len(dev)} dev pairs: " + ' '.join(f"{k} {v:.2f}" for k, v in m.items()))
     return dict(task=spec.name, mode='zero_shot', status='completed', metrics=list(m), headline_metric=spec.headline_metric,
-                checkpoint=ck.name, source_run=ck.source_run, n_dev=len(dev), final=m, time_s=round(time.time() - t0, 2))
+                checkpoint=ck.name, source_run=ck.source_run, protocol='zero_shot', n_train=0, n_dev=len(dev), final=m,
+                time_s=round(time.time() - t0, 2))
 
 # %% ../nbs/08_glue.ipynb #31c1553f
+CONTROL = 'zero-concepts control'   # column of the via_decoder token path's control (concepts replaced by zeros)
+
 def results_table(results:dict|Sequence[dict], # `run_task` / `zero_shot_task` results (skipped ones are ignored)
                   baselines:pd.DataFrame|Sequence[str]|None=DEFAULT_BASELINES, # baseline names, or a frame like `BASELINE_ROWS` / `BASELINES`
                   compare:str='final', # which of our numbers the deltas use: final | selected | best_epoch
                   majority:bool=True, # add the 'majority class' baseline that `run_task` measured on the same dev rows
                   digits:int=2, # decimals shown
                  ) -> pd.DataFrame:
-    "Our scores beside the baselines with delta columns, one row per task and metric."
+    "Our scores, protocol and train examples beside the baselines with delta columns, one row per task and metric."
     if compare not in ('final', 'selected', 'best_epoch'): raise ValueError(f"compare={compare!r}: final | selected | best_epoch")
     results = [results] if isinstance(results, dict) else list(results)
     if not isinstance(baselines, pd.DataFrame): base = baseline_rows(baselines)
@@ -655,20 +722,26 @@ def results_table(results:dict|Sequence[dict], # `run_task` / `zero_shot_task` r
     for r in results:
         if r.get('status', 'completed') != 'completed': continue
         for m in r['metrics']:
-            row = dict(task=r['task'], mode=r['mode'], metric=m, seeds=len(r.get('seeds') or [0]),
+            row = dict(task=r['task'], mode=r['mode'], metric=m, protocol=_protocol(r), n_train=r.get('n_train'),
+                       n_train_all=r.get('n_train_all'), seeds=len(r.get('seeds') or [0]),
                        final=r['final'].get(m), sd=r.get('final_sd', {}).get(m),
-                       selected=r.get('selected', {}).get(m), best_epoch=r.get('best_epoch', {}).get(m))
+                       selected=(r.get('selected') or {}).get(m), best_epoch=r.get('best_epoch', {}).get(m))
+            ours = row[compare] if row[compare] is not None else float('nan')
+            if r.get('control'):                                     # the zero-concepts control of the token path
+                v = r['control']['final'].get(m, float('nan'))
+                row[CONTROL], row[f'Δ {CONTROL}'] = v, ours - v
             if r['mode'] == 'finetune':
                 for name, g in base.groupby('baseline', sort=False):
                     hit = g[(g.task == r['task']) & (g.metric == m)]
                     v = float(hit.value.iloc[0]) if len(hit) else float('nan')
-                    row[name], row[f'Δ {name}'] = v, (row[compare] if row[compare] is not None else float('nan')) - v
+                    row[name], row[f'Δ {name}'] = v, ours - v
             rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty: return df
     names = [c for c in df.columns if f'Δ {c}' in df.columns]
     df = df.drop(columns=[c for b in names if df[b].isna().all() for c in (b, f'Δ {b}')])   # baselines without a value here
-    for c in df.columns[4:]: df[c] = pd.to_numeric(df[c], errors='coerce').astype(float)
+    for c in df.columns.drop(['task', 'mode', 'metric', 'protocol']):
+        df[c] = pd.to_numeric(df[c], errors='coerce').astype(float)
     return df.round(digits)
 
 def plot_learning_curves(history:list|dict, # one seed's rows, {label: rows}, or a `run_task` result
@@ -676,7 +749,7 @@ def plot_learning_curves(history:list|dict, # one seed's rows, {label: rows}, or
                          title:str='', # figure title
                          ax=None, # an Axes: draw only the metric panel there
                         ):
-    "Train loss and the selection-slice / dev metric per epoch, one line per seed; returns the Figure."
+    "Train loss and the dev (and selection-slice, if any) metric per epoch, one line per seed; returns the Figure."
     if isinstance(history, dict) and 'per_seed' in history:
         metric = metric or history.get('headline_metric'); title = title or f"{history['task']} ({history.get('head', '')})"
         runs = {f"seed {r['seed']}": r['history'] for r in history['per_seed']}
@@ -690,7 +763,9 @@ def plot_learning_curves(history:list|dict, # one seed's rows, {label: rows}, or
     for i, (label, rows) in enumerate(runs.items()):
         ep = [r['epoch'] for r in rows]; c = f'C{i}'
         if ax_loss is not None: ax_loss.plot(ep, [r['train_loss'] for r in rows], 'o-', color=c, label=label or None)
-        ax.plot(ep, [r.get(f'select/{metric}') for r in rows], 's--', color=c, alpha=.7, label=f'{label} select (train slice)'.strip())
+        if any(f'select/{metric}' in r for r in rows):      # only the selection protocol scores a held-out slice
+            ax.plot(ep, [r.get(f'select/{metric}') for r in rows], 's--', color=c, alpha=.7,
+                    label=f'{label} select (train slice)'.strip())
         ax.plot(ep, [r.get(f'dev/{metric}') for r in rows], 'o-', color=c, label=f'{label} dev'.strip())
     if ax_loss is not None: ax_loss.set(xlabel='epoch', ylabel='train loss', title='training loss')
     ax.set(xlabel='epoch', ylabel=f'{metric} ×100', title=metric); ax.legend(fontsize=7)
@@ -744,26 +819,39 @@ class RunLogger:
     def event(self, **row):
         with open(self.dir/'history.jsonl', 'a', encoding='utf-8') as f: f.write(json.dumps(_clean(row)) + '\n')
 
-PROTOCOL_NOTE = ("dev scores ×100. final = last epoch trained (headline); selected = epoch chosen on a slice held out "
-                 "from train (dev never used for decisions); best_epoch = best dev epoch, upstream's protocol, optimistic "
-                 "because dev chose it. Upstream seed figures are best-epoch dev scores from one seed.")
+PROTOCOL_NOTE = ("dev scores ×100. protocol 'standard': fit all of train (n_train examples; a train_subset when "
+                 "set), no selection slice, final = last epoch (headline), as the BERT-base rows were made; protocol "
+                 "'selection': a slice of train is held out (n_select), so only n_train of the n_train_all train "
+                 "examples are fitted, and selected = epoch chosen on that slice (dev never used for decisions). "
+                 "best_epoch = best dev epoch, upstream's protocol, optimistic because dev chose it. Baseline columns "
+                 "fitted all n_train_all train examples: BERT-base reports its last epoch, the upstream seed figures "
+                 "their best dev epoch of one seed. "
+                 "zero-concepts control (via_decoder with token queries): the same head and seeds fine-tuned on zeros "
+                 "instead of the concepts.")
 
 def metrics_record(results:Sequence[dict], # completed, skipped and failed task results
                    status:str='completed', # running | completed | failed
-                   **info, # run_name, checkpoint, source_run, head, ... copied in
+                   **info, # run_name, checkpoint, source_run, head, protocol, ... copied in
                   ) -> dict:
-    "The JSON-safe `metrics.json` dict of a GLUE run."
-    rec = dict(status=status, **info, protocol=PROTOCOL_NOTE, headline={}, final={}, final_sd={}, selected={}, best_epoch={},
-               zero_shot={}, majority={}, tasks={})
+    "The JSON-safe `metrics.json` dict of a GLUE run: scores, the protocol and the train examples of each task."
+    done = [r for r in results if r.get('mode') == 'finetune' and r.get('status') == 'completed']
+    protos = sorted({_protocol(r) for r in done} - {None})
+    info = {'protocol': ' + '.join(protos) or None, **info}           # the run's parameter wins when it is given
+    rec = dict(status=status, **info, protocol_note=PROTOCOL_NOTE, n_train={}, headline={}, final={}, final_sd={},
+               selected={}, best_epoch={}, zero_concepts_control={}, zero_shot={}, majority={}, tasks={})
     for r in results:
         key = r['task'] + (' zero-shot' if r.get('mode') == 'zero_shot' else '')
-        rec['tasks'][key] = {k: r[k] for k in ('status', 'message', 'mode', 'n_train', 'n_select', 'n_dev', 'epochs',
-                                                'seeds', 'time_s', 'headline_metric') if k in r}
+        rec['tasks'][key] = {k: r[k] for k in ('status', 'message', 'mode', 'protocol', 'n_train', 'n_train_all',
+                                                'n_select', 'n_dev', 'epochs', 'seeds', 'via_decoder_queries', 'time_s',
+                                                'headline_metric') if k in r}
         if r.get('status') != 'completed': continue
         if r['mode'] == 'zero_shot':
             rec['zero_shot'].update({f"{r['task']}/{m}": round(v, 4) if v == v else v for m, v in r['final'].items()}); continue
-        for part in ('final', 'final_sd', 'selected', 'best_epoch', 'majority'):
-            rec[part].update({f"{r['task']}/{m}": round(v, 4) if v == v else v for m, v in (r.get(part) or {}).items()})
+        rec['n_train'][r['task']] = r.get('n_train')
+        parts = {p: r.get(p) for p in ('final', 'final_sd', 'selected', 'best_epoch', 'majority')}
+        parts['zero_concepts_control'] = (r.get('control') or {}).get('final')
+        for part, d in parts.items():
+            rec[part].update({f"{r['task']}/{m}": round(v, 4) if v == v else v for m, v in (d or {}).items()})
         rec['headline'][f"{r['task']}/{r['headline_metric']}"] = rec['final'][f"{r['task']}/{r['headline_metric']}"]
     return _clean(rec)
 

@@ -19,9 +19,10 @@ __all__ = ['TEMPLATES', 'RULES', 'PRESET_TABLES', 'INLINE_BACKEND', 'TASK_NAMES'
            'REGISTRY_COLUMNS', 'SEED_PRETRAIN', 'MAIN_GLUE_TASKS', 'GLUE_DIRS', 'project_root', 'template_path',
            'list_presets', 'load_preset', 'declared_params', 'type_names', 'parse_value', 'module_rules', 'cross_check',
            'resolve_params', 'task_list', 'source_run_of', 'default_run_name', 'RunFailed', 'run_notebook',
-           'metrics_from_notebook', 'flatten', 'canon_task', 'canon_metric', 'glue_scores', 'read_run', 'load_registry',
-           'md_table', 'linked_glue', 'experiment_log', 'write_experiment_log', 'glue_baselines', 'compare_tables',
-           'compare', 'plot_compare', 'plot_rank_vs_glue', 'available_glue_tasks', 'headline', 'main']
+           'metrics_from_notebook', 'flatten', 'canon_task', 'canon_metric', 'glue_scores', 'glue_protocol',
+           'glue_control', 'read_run', 'load_registry', 'md_table', 'linked_glue', 'experiment_log',
+           'write_experiment_log', 'glue_baselines', 'compare_tables', 'compare', 'plot_compare', 'plot_rank_vs_glue',
+           'available_glue_tasks', 'headline', 'main']
 
 # %% ../nbs/09_runs.ipynb #10376d0e
 TEMPLATES = {'pretrain': '90_pretrain.ipynb', 'glue': '91_glue.ipynb'}
@@ -446,6 +447,37 @@ def glue_scores(metrics:Mapping|None, # metrics of a GLUE run
         return _scores_from({re.sub(r'(^|/)best[_a-z]*(/|_|$)', r'\1', k): v for k, v in b.items()})
     return _scores_from({k: v for k, v in flatten(m).items() if not any(s.startswith('best') for s in re.split(r'[/.]', k.lower()))})
 
+def glue_protocol(metrics:Mapping|None, # metrics of a GLUE run
+                 ) -> dict:
+    "`{task: (protocol, n_train, n_train_all)}` of the fine-tuned tasks; records without a protocol held a slice out."
+    out = {}
+    for t, d in ((metrics or {}).get('tasks') or {}).items():
+        task = canon_task(t)
+        if task is None or not isinstance(d, Mapping) or d.get('mode', 'finetune') != 'finetune': continue
+        if 'n_train' not in d: continue
+        protocol = d.get('protocol') or ('selection' if d.get('n_select') else None)
+        out[task] = (protocol, d.get('n_train'), d.get('n_train_all'))
+    return out
+
+def glue_control(metrics:Mapping|None, # metrics of a GLUE run
+                ) -> dict:
+    "`{(task, metric): score}` of the zero-concepts control (via_decoder with token queries); {} without one."
+    return _scores_from((metrics or {}).get('zero_concepts_control') or {})
+
+def _train_str(info:tuple|None) -> str:
+    "'standard, 3668/3668': protocol, train examples fitted / whole train split."
+    if not info: return ''
+    p, n, n_all = info
+    return f"{p or '?'}, {n}" + (f"/{n_all}" if n_all else '')
+
+def _train_summary(info:Mapping) -> str:
+    "'standard: MRPC 3668/3668, SST-2 2000/67349' for a run's `glue_protocol`."
+    by = {}
+    for t, (p, n, n_all) in info.items():
+        by.setdefault(p or '?', []).append(f"{TASK_NAMES.get(t, t)} {n}" + (f"/{n_all}" if n_all else ''))
+    return '; '.join(f"{p}: {', '.join(v)}" for p, v in by.items())
+
+
 # %% ../nbs/09_runs.ipynb #5b71e44f
 def _kind_of(run_json, pm_meta, params) -> str:
     if run_json and run_json.get('kind'): return run_json['kind']
@@ -701,9 +733,11 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
     lines += ['', '## GLUE runs', '']
     if glue:
         lines.append(md_table(
-            ['date', 'run id', 'status', 'source run', 'tasks', 'scores (final epoch)', 'best epoch', 'record'],
+            ['date', 'run id', 'status', 'source run', 'tasks', 'protocol: train examples fitted/all',
+             'scores (final epoch)', 'best epoch', 'record'],
             [[_v(r, 'date'), r.run_name, _status(r), _v(r, 'source_run_id') or _v(r, 'source_run'), _v(r, 'tasks'),
-              _score_str(r.glue, key_only=False), _score_str(r.glue_best, key_only=False), _link(_v(r, 'record'), rel_to)]
+              _train_summary(glue_protocol(r.metrics)), _score_str(r.glue, key_only=False),
+              _score_str(r.glue_best, key_only=False), _link(_v(r, 'record'), rel_to)]
              for r in glue]))
     else: lines.append('No GLUE runs yet.')
     other = [r for r in rows if r.kind not in ('pretrain', 'glue')]
@@ -788,6 +822,21 @@ def _resolve_runs(runs, runs_dir) -> tuple[list, pd.DataFrame]:
         out.append(hit.iloc[-1])
     return out, df
 
+def _linked_glue_rows(df:pd.DataFrame, r) -> list:
+    "The registry rows behind run `r`'s GLUE scores: itself, or the completed GLUE runs linked to a pretraining run."
+    if r.kind == 'glue': return [r]
+    g = df[(df.kind == 'glue') & (df.source_run_id == r.run_id) & (df.status == 'completed')]
+    return [x for _, x in sorted(g.iterrows(), key=lambda x: _sort_key(x[1]))]
+
+def _by_task(rows:list, read) -> dict:
+    "`read(row)` merged over `rows` as `linked_glue` does: for each task the latest run wins."
+    out = {}
+    for x in rows:
+        tasks = set(x.glue and [t for t, _ in x.glue])
+        out = {k: v for k, v in out.items() if (k[0] if isinstance(k, tuple) else k) not in tasks}
+        out.update(read(x))
+    return out
+
 def compare_tables(runs, # run ids, run names or record paths
                    runs_dir='runs', # registry folder
                    baselines:Mapping|None=None # {name: scores}; default: `glue_baselines()`
@@ -795,10 +844,13 @@ def compare_tables(runs, # run ids, run names or record paths
     "(Results vs Baselines, Pretraining Summary) tables for `runs`."
     rows, df = _resolve_runs(runs, runs_dir)
     base = _norm_baseline(baselines) if baselines is not None else glue_baselines()
-    labels, scores, pres = [], [], []
+    labels, scores, pres, train, control = [], [], [], [], []
     for r in rows:
         lab = r.run_name if r.run_name not in labels else r.run_id
         labels.append(lab)
+        behind = _linked_glue_rows(df, r)
+        train.append(_by_task(behind, lambda x: glue_protocol(x.metrics)))
+        control.append(_by_task(behind, lambda x: glue_control(x.metrics)))
         if r.kind == 'glue':
             scores.append(dict(r.glue))
             src = df[df.run_id == r.source_run_id]
@@ -809,19 +861,24 @@ def compare_tables(runs, # run ids, run names or record paths
                   key=lambda k: (list(TASK_NAMES).index(k[0]) if k[0] in TASK_NAMES else 99, list(METRIC_NAMES).index(k[1])))
     refs = [n for n in base][:1] + [n for n in base if 'bert' not in n.lower()][:1]
     refs = list(dict.fromkeys(refs))
+    ctl = [f"{lab} zero-concepts control" for lab, c in zip(labels, control) if c]
+    trn = [f"{lab} protocol, n_train/all" for lab, s in zip(labels, scores) if s]
     res = []
     for t, m in keys:
         row = {'task': TASK_NAMES.get(t, t), 'metric': METRIC_NAMES.get(m, m)}
         for n, b in base.items(): row[n] = b.get((t, m))
-        for lab, s in zip(labels, scores): row[lab] = s.get((t, m))
+        for lab, s, c, tr in zip(labels, scores, control, train):
+            row[lab] = s.get((t, m))
+            if c: row[f"{lab} zero-concepts control"] = c.get((t, m))
+            if s: row[f"{lab} protocol, n_train/all"] = _train_str(tr.get(t)) if t in tr else ''
         for lab, s in zip(labels, scores):
             for n in refs:
                 x, y = s.get((t, m)), base[n].get((t, m))
                 row[f"Δ {lab} vs {n}"] = None if x is None or y is None else round(x - y, 2)
         res.append(row)
-    results = pd.DataFrame(res, columns=['task', 'metric', *base, *labels,
+    results = pd.DataFrame(res, columns=['task', 'metric', *base, *labels, *ctl, *trn,
                                          *[f"Δ {lab} vs {n}" for lab in labels for n in refs]])
-    results.attrs.update(baselines=list(base), runs=labels)
+    results.attrs.update(baselines=list(base), runs=labels, controls=ctl, train_columns=trn)
     summ = []
     for key, name in (('task_loss', 'task loss'), ('effective_rank', 'effective rank'), ('rank_ratio', 'effective rank / C'),
                       ('mean_similarity', 'mean concept similarity'), ('max_similarity', 'max concept similarity'),
@@ -851,8 +908,13 @@ def compare(runs, # run ids, run names or record paths
     out = ['## Results vs Baselines', '']
     if len(results):
         out += ["GLUE dev scores x100. Run columns: final epoch (the headline; best-epoch scores are in each GLUE record). "
-                "Seed columns: best dev epoch of one seed, as upstream reported them, so they flatter the seeds. "
-                "Δ = run − baseline: positive is better.", '', _df_md(results, 2)]
+                "`<run> protocol, n_train/all`: how each task was fine-tuned (standard: all of train, no selection "
+                "slice; selection: a slice of train held out) and the train examples fitted / the whole train split. "
+                "Baseline columns fitted all of train: BERT-base reports its last epoch; seed columns the best dev "
+                "epoch of one seed, as upstream reported them, so they flatter the seeds. "
+                + ("`<run> zero-concepts control`: the same via_decoder head (token queries) and seeds fine-tuned on "
+                   "zeros instead of the concepts. " if results.attrs.get('controls') else '')
+                + "Δ = run − baseline: positive is better.", '', _df_md(results, 2)]
         src = _baseline_sources()
         notes = [f"- {n}: {src[n]}" for n in results.attrs.get('baselines', []) if n in src]
         if notes: out += ['', 'Baseline sources:', '', *notes]
@@ -869,7 +931,8 @@ def plot_compare(runs, # run ids, run names or record paths
                 ) -> Figure:
     "Grouped bars: GLUE score per task metric for the baselines and each run."
     results, _ = compare_tables(runs, runs_dir, baselines)
-    series = [c for c in results.columns if c not in ('task', 'metric') and not str(c).startswith('Δ ')]
+    series = [c for c in results.columns if c not in ('task', 'metric', *results.attrs.get('train_columns', []))
+              and not str(c).startswith('Δ ')]
     if ax is None:
         fig = Figure(figsize=(max(5, 1.3 * max(1, len(results)) + 2), 3.6), layout='constrained'); ax = fig.add_subplot()
     else: fig = ax.figure

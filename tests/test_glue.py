@@ -93,16 +93,22 @@ def notebook_params():
 
 def test_rules_and_presets_match_the_run_notebook():
     params = notebook_params()
-    assert len(params) == 22 and {'checkpoint', 'tasks', 'head', 'pair_encoding', 'seeds', 'glue_dir', 'zero_shot'} <= set(params)
+    assert len(params) == 24 and {'checkpoint', 'tasks', 'head', 'pair_encoding', 'seeds', 'glue_dir', 'zero_shot',
+                              'protocol', 'via_decoder_queries'} <= set(params)
     assert set(GLUE_RULES) <= set(params)
     for preset in GLUE_PRESETS.values(): assert set(preset) <= set(params)
     decl = {k: {'str': str, 'int': int, 'float': float, 'bool': bool}[t] for k, t in params.items()}
     for bad, msg in [(dict(tasks='mrpc,sst3'), "Did you mean 'sst2'"), (dict(head='weighted'), "did you mean 'weighted_pool'"),
                      (dict(pair_encoding='seperate'), "did you mean 'separate'"), (dict(batch_size=0), '>= 1'),
                      (dict(max_length=4), '>= 8'), (dict(train_subset=-1), '>= 0'), (dict(seeds='42;43'), 'comma list'),
-                     (dict(device='gpu'), 'cuda:N'), (dict(select_fraction=1.0), '(0, 1)'), (dict(epochs=1.5), 'must be int')]:
+                     (dict(device='gpu'), 'cuda:N'), (dict(select_fraction=1.0), '(0, 1)'),
+                     (dict(epochs=1.5), 'must be int'), (dict(protocol='selected'), "did you mean 'selection'"),
+                     (dict(via_decoder_queries='tokens'), "'token'")]:
         with pytest.raises(ParamError, match=msg.replace('(', r'\(').replace(')', r'\)')): check_params(bad, decl, GLUE_RULES)
     check_params(dict(tasks='MRPC, sts-b', seeds='1,2,3', device='cuda:1', lr=2e-5), decl, GLUE_RULES)
+    with pytest.raises(ParamError, match="set protocol='selection'"): check_glue_params(dict(tasks='mrpc', patience=2))
+    with pytest.raises(ParamError, match="set head='via_decoder'"):
+        check_glue_params(dict(tasks='mrpc', head='cls_query', via_decoder_queries='token'))
 
 
 # ---------------------------------------------------------------- protocol: selection never touches dev
@@ -126,7 +132,8 @@ def test_run_task_selects_on_the_train_slice(tok, monkeypatch):
         seen.update(fit=fit, select=select, dev=dev)
         return real(model, fit, select, dev, *a, **kw)
     monkeypatch.setattr(glue, 'finetune', spy)
-    r = run_task('mrpc', '', tok, seeds=[0], source=GLUE_DIR, **{**SMOKE, 'epochs': 3, 'lr': 1e-3, 'warmup_steps': 0})
+    r = run_task('mrpc', '', tok, seeds=[0], source=GLUE_DIR, protocol='selection',
+                 **{**SMOKE, 'epochs': 3, 'lr': 1e-3, 'warmup_steps': 0})
     dev = load_task('mrpc', 'validation', GLUE_DIR)
     dev_ids = {tuple(x) for x in encode_task(dev, 'mrpc', tok, 64).features['input_ids']}
     sel_ids = {tuple(x) for x in seen['select'].features['input_ids']}
@@ -149,7 +156,7 @@ def test_early_stopping_reads_only_the_selection_slice(tok, tmp_path, monkeypatc
     monkeypatch.setattr(glue, 'compute_metrics', fake)
     root = write_toy(tmp_path)
     r = run_task('mrpc', '', tok, seeds=[1], epochs=6, patience=2, batch_size=16, max_length=16, source=root,
-                 min_select=16, device='cpu', log=None)
+                 protocol='selection', min_select=16, device='cpu', log=None)
     s = r['per_seed'][0]
     assert s['epochs_run'] == 3 and s['selected_epoch'] == 1 and s['best_dev_epoch'] == 3
     assert (r['selected']['f1'], r['final']['f1'], r['best_epoch']['f1']) == (20., 60., 60.)
@@ -170,7 +177,8 @@ def write_toy(tmp_path):
 @pytest.mark.parametrize('task,head', [('mrpc', 'weighted_pool'), ('stsb', 'cls_query')])
 def test_smoke_finetune_real(task, head, tok):
     lines = []
-    r = run_task(task, '', tok, head=head, seeds='3,4', source=GLUE_DIR, **{**SMOKE, 'log': lines.append})
+    r = run_task(task, '', tok, head=head, seeds='3,4', source=GLUE_DIR, protocol='selection',
+                 **{**SMOKE, 'log': lines.append})
     assert r['status'] == 'completed' and (r['n_train'], r['n_dev']) == (48, 48) and r['n_select'] == 48
     assert r['epochs'] == 1 and [s['seed'] for s in r['per_seed']] == [3, 4]
     assert set(r['final']) == set(task_metric_names(task)) == set(r['final_sd']) == set(r['best_epoch'])
@@ -262,6 +270,8 @@ def test_run_notebook_papermill(tmp_path):
     assert {'mrpc/accuracy', 'mrpc/combined', 'stsb/spearman'} <= set(m['final']) and 'stsb/pearson' in m['zero_shot']
     assert m['tasks']['paws']['status'] == 'skipped' and 'CONCEPT_NB_GLUE_DIR' in m['tasks']['paws']['message']
     assert all(m['tasks'][t]['status'] == 'completed' and m['tasks'][t]['n_train'] == 64 for t in ('mrpc', 'stsb', 'sst2'))
+    assert m['protocol'] == 'standard' and m['n_train'] == {'mrpc': 64, 'stsb': 64, 'sst2': 64}   # issue 14, defect 8
+    assert 'protocol,n_train,n_train_all' in (run_dir/'results.csv').read_text().splitlines()[0]
     params = json.loads((run_dir/'params.json').read_text())
     assert params['params']['tasks'] == 'mrpc,stsb,sst2,paws' and params['model_config']['hidden_size'] == 32
     hist = [json.loads(l) for l in (run_dir/'history.jsonl').read_text().splitlines()]
@@ -273,3 +283,97 @@ def test_run_notebook_papermill(tmp_path):
     nb = nbformat.read(out, as_version=4)
     last = nb.cells[-1]
     assert 'metrics' in last.metadata.tags and last.outputs[0]['data']['application/json']['headline'] == m['headline']
+
+
+# ---------------------------------------------------------------- issue 14: protocols, n_train, zero-concepts control
+
+def fitted_rows(monkeypatch):
+    "Spy on the classifier's forward: the number of rows it sees in training mode, and the configs it was built with."
+    from concept_nb.heads import ConceptEncoderForSequenceClassification as Clf
+    seen, real = dict(rows=0, configs=[]), Clf.forward
+    def spy(self, input_ids, *a, **kw):
+        if self.training: seen['rows'] += input_ids.shape[0]
+        if not any(c is self.config for c in seen['configs']): seen['configs'].append(self.config)
+        return real(self, input_ids, *a, **kw)
+    monkeypatch.setattr(Clf, 'forward', spy)
+    return seen
+
+def test_standard_protocol_fits_all_of_train(tok, tmp_path, monkeypatch):
+    "issue 14, defect 8: with train_subset 0 the default (standard) protocol fits every train example, not ~90%."
+    root, seen = write_toy(tmp_path), fitted_rows(monkeypatch)
+    kw = dict(seeds=[0], epochs=1, batch_size=16, max_length=16, source=root, device='cpu', log=None)
+    r = run_task('mrpc', '', tok, **kw)                       # train_subset 0, the default protocol
+    assert seen['rows'] == len(load_task('mrpc', 'train', root)) == 40        # every train example, once per epoch
+    assert (r['n_train'], r['n_train_all'], r['n_select']) == (40, 40, 0)
+    assert r['protocol'] == 'standard' and 'selected' not in r and set(r['best_epoch']) == set(r['final'])
+    seen['rows'] = 0
+    s = run_task('mrpc', '', tok, protocol='selection', min_select=16, **kw)
+    assert seen['rows'] == 24 == s['n_train']                                   # 16 held out for selection
+    assert (s['n_select'], s['n_train_all'], s['protocol']) == (16, 40, 'selection')
+    t = results_table([r, s], ['BERT-base'])
+    assert list(t.columns[3:6]) == ['protocol', 'n_train', 'n_train_all']
+    assert t.groupby('protocol').n_train.first().to_dict() == {'standard': 40, 'selection': 24}
+    assert t.n_train_all.eq(40).all() and t[t.protocol == 'standard'].selected.isna().all()
+    rec = metrics_record([r], protocol='standard')
+    assert (rec['protocol'], rec['n_train'], rec['tasks']['mrpc']['n_train_all']) == ('standard', {'mrpc': 40}, 40)
+    assert metrics_record([s])['protocol'] == 'selection' and 'standard protocol, 40 train examples' in format_result(r)
+    with pytest.raises(ValueError, match="patience=2 needs protocol='selection'"):
+        run_task('mrpc', '', tok, patience=2, **kw)
+
+@pytest.mark.filterwarnings("ignore:head='via_decoder' on a random model")
+def test_token_queries_carry_a_zero_concepts_control(tok, tmp_path, monkeypatch):
+    "issue 14, defect 3 (GLUE side): via_decoder reads position queries by default; token queries add a control."
+    root, seen = write_toy(tmp_path), fitted_rows(monkeypatch)
+    kw = dict(head='via_decoder', seeds='1,2', epochs=1, batch_size=16, max_length=16, source=root, device='cpu',
+              log=None)
+    r = run_task('mrpc', '', tok, **kw)
+    assert r.get('via_decoder_queries') == 'position' and r['control'] is None
+    assert [getattr(c, 'via_decoder_queries', None) for c in seen['configs']] == ['position', 'position']
+    seen['configs'].clear()
+    t = run_task('mrpc', '', tok, via_decoder_queries='token', **kw)
+    built = [(c.classifier_head, c.via_decoder_queries, getattr(c, 'zero_concepts', False)) for c in seen['configs']]
+    assert built == [('via_decoder', 'token', False)] * 2 + [('via_decoder', 'token', True)] * 2   # same head, 2 seeds
+    assert [s['seed'] for s in t['control']['per_seed']] == [s['seed'] for s in t['per_seed']] == [1, 2]
+    tab = results_table(t, ['BERT-base']).set_index('metric')
+    assert tab.loc['f1', CONTROL] == round(t['control']['final']['f1'], 2)
+    assert tab.loc['f1', f'Δ {CONTROL}'] == pytest.approx(t['final']['f1'] - t['control']['final']['f1'], abs=0.011)
+    rec = metrics_record([t])
+    assert rec['zero_concepts_control']['mrpc/f1'] == round(t['control']['final']['f1'], 4)
+    assert rec['tasks']['mrpc']['via_decoder_queries'] == 'token' and 'zero-concepts control final' in format_result(t)
+    with pytest.raises(ValueError, match="needs head='via_decoder'"):
+        run_task('mrpc', '', tok, via_decoder_queries='token')
+
+def glue_record(runs_dir, name, metrics):
+    "A completed GLUE record as the runs registry reads it: a papermill notebook of 91_glue beside its metrics.json."
+    import nbformat
+    pm = dict(input_path='nbs/91_glue.ipynb', start_time='2026-01-01T00:00:00', end_time='2026-01-01T00:01:00',
+              parameters=dict(checkpoint='', tasks=','.join(metrics['tasks'])))
+    (runs_dir/f'2026-01-01_{name}').mkdir(parents=True)
+    (runs_dir/f'2026-01-01_{name}'/'metrics.json').write_text(json.dumps(metrics))
+    nbformat.write(nbformat.v4.new_notebook(metadata=dict(papermill=pm)), str(runs_dir/f'2026-01-01_{name}.ipynb'))
+
+def test_runs_tables_state_protocol_and_n_train(tmp_path):
+    """issue 14, defect 8: the experiment log and the comparison report say which protocol and how many train
+    examples each GLUE column used."""
+    from concept_nb import runs as R
+    r = dict(task='mrpc', mode='finetune', status='completed', metrics=['accuracy', 'f1'], headline_metric='f1',
+             protocol='standard', n_train=3668, n_train_all=3668, n_select=0, n_dev=408, seeds=[42], epochs=3,
+             final={'f1': 80.0, 'accuracy': 70.0}, best_epoch={'f1': 81.0, 'accuracy': 71.0},
+             control=dict(final={'f1': 79.0, 'accuracy': 69.0}))
+    glue_record(tmp_path, 'new', metrics_record([r], run_name='new'))
+    glue_record(tmp_path, 'old', dict(status='completed', final={'sst2/accuracy': 80.0},      # written before issue 14
+                                      tasks={'sst2': dict(status='completed', mode='finetune', n_train=2000,
+                                                          n_select=200)}))
+    log = R.experiment_log(R.load_registry(tmp_path))
+    assert 'standard: MRPC 3668/3668' in log and 'selection: SST-2 2000' in log
+    base = {'BERT-base': {'mrpc': {'f1': 88.85}, 'sst2': {'accuracy': 92.32}}}
+    res, _ = R.compare_tables(['new', 'old'], tmp_path, base)
+    res = res.set_index('task')
+    assert res.loc['MRPC', 'new protocol, n_train/all'].tolist() == ['standard, 3668/3668'] * 2
+    assert res.loc['SST-2', 'old protocol, n_train/all'] == 'selection, 2000'       # no protocol, a slice: selection
+    assert res.loc['SST-2', 'new protocol, n_train/all'] == ''
+    assert sorted(res.loc['MRPC', 'new zero-concepts control']) == [69.0, 79.0]
+    assert 'old zero-concepts control' not in res
+    md = R.compare(['new', 'old'], tmp_path, {'BERT-base': {'mrpc': {'f1': 88.85}}})
+    assert '| new protocol, n_train/all |' in md and 'standard, 3668/3668' in md and 'fitted all of train' in md
+    assert len(R.plot_compare(['new', 'old'], tmp_path, {}).axes[0].patches) == 3 * len(res)   # new, its control, old
