@@ -299,3 +299,29 @@ def test_health_check_flags_broken_models():
         with torch.no_grad(): next(model.encoder.parameters()).mul_(1e4)
         st = health_check(model, tok, texts).set_index('check').status
         assert st['parameter_magnitude'] == 'fail'
+
+
+class _Stream:
+    "The part of concept_nb.train.BatchStream that `evaluate` uses."
+    def __init__(self, batches): self.batches = batches
+    def batch(self, k, rank=0, world=1): return self.batches[k]
+
+
+def test_training_log_and_run_metrics_carry_input_dependence():
+    """issue 14, defect 7: the eval records of concept_nb.train and the run's headline metrics (metrics.json, read by
+    the experiment log) carry input dependence, per slot and its mean."""
+    from concept_nb import train as T
+    rec = dict(kind='eval', step=5, eval_loss=1.0, **{f'concept/{k}': v for k, v in concept_metrics(fixed_slots()).items()})
+    h = T.History([rec]); h.step = 5
+    m = T.run_metrics(h, dict(run_name='fixed'))
+    assert m.get('input_dependence') is not None and m['input_dependence'] <= 0.05     # today: not in the metrics
+    assert m['input_dependence_min'] <= m['input_dependence']
+    torch.manual_seed(0)
+    model = build_model('perceiver_mlm', tiny_config())
+    batches = []
+    for s in range(2):
+        ids, am = padded_batch([20, 11, 6], seed=s)
+        batches.append(dict(input_ids=ids, attention_mask=am, labels=ids.masked_fill(am == 0, -100)))
+    res = T.evaluate(model, _Stream(batches), n_batches=2)
+    assert 0 <= res['concept/input_dependence'] <= 1 and len(res['concept/input_dependence_per_slot']) == 6
+    assert '| input dep.' in T._fmt_eval(dict(res, step=0))
