@@ -144,7 +144,8 @@ def concept_metrics(concepts:torch.Tensor # (B, C, H) concept vectors
     per = _svdvals(x)                                              # (B, min(C, H))
     m.update(rankme=float(_rankme_from_sv(_svdvals(flat))), rankme_per_sample=float(_rankme_from_sv(per).mean()),
              effective_rank_per_sample=float(_nuclear_from_sv(per).mean()))
-    m['dimensions_for_95_variance_normalized'] = d95 / min(C, H)   # graded instead of the raw count
+    k = min(C, H)                                                  # graded instead of the raw count: 1 dim -> 0, all -> 1
+    m['dimensions_for_95_variance_normalized'] = (d95 - 1) / (k - 1) if k > 1 else math.nan
     m.update(_input_dependence_metrics(x))                          # the ranks above cannot see input-independence
     return m
 
@@ -153,7 +154,7 @@ GRADE_SPECS = (
     # key, label, higher_is_better, good, ok; counts of dimensions are graded over min(C, H), never raw
     ('global_effective_rank_normalized', 'global effective rank / min(C, H)', True, 0.7, 0.3),
     ('participation_ratio_normalized', 'participation ratio / H', True, 0.3, 0.1),
-    ('dimensions_for_95_variance_normalized', 'dimensions for 95% variance / min(C, H)', True, 0.4, 0.08),
+    ('dimensions_for_95_variance_normalized', 'dimensions for 95% variance, (d - 1) / (min(C, H) - 1)', True, 0.4, 0.08),
     ('input_dependence', 'input dependence (mean over slots)', True, 0.2, 0.05),
     ('active_dimensions_ratio', 'fraction of dimensions active', True, 0.99, 0.9),
     ('isotropy', 'isotropy (min/max eigenvalue)', True, 0.01, 0.001),

@@ -199,6 +199,10 @@ def test_near_orthogonal_C16_not_graded_poor_on_ranks(noise):
     assert ranks and all(v != 'poor' for v in ranks.values()), ranks    # today: global_effective_rank 'poor'
     assert ranks == {'global_effective_rank_normalized': 'good', 'dimensions_for_95_variance_normalized': 'good'}
     assert concept_metrics(x)['dimensions_for_95_variance_normalized'] >= 0.9
+    # and a collapsed small set (one direction, C = 8) stays poor on both normalised rows
+    one_dir = torch.randn(1, 1, 32, generator=g).expand(4, 8, 32) * torch.rand(4, 8, 1, generator=g)
+    g2 = {r['metric']: r['grade'] for r in grade_metrics(concept_metrics(one_dir))}
+    assert g2['global_effective_rank_normalized'] == g2['dimensions_for_95_variance_normalized'] == 'poor'
 
 
 def test_report_json_round_trip(tmp_path):
