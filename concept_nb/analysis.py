@@ -117,7 +117,8 @@ def _input_dependence_metrics(x:torch.Tensor) -> dict:
     if x.shape[0] < 2:                                             # undefined on one input: nan, not 0
         return dict(input_dependence=math.nan, input_dependence_min=math.nan, input_dependence_per_slot=[math.nan] * C)
     d = input_dependence(x)
-    return dict(input_dependence=float(d.mean()), input_dependence_min=float(d.min()), input_dependence_per_slot=d.tolist())
+    return dict(input_dependence=float(d.mean()), input_dependence_min=float(d.min()),
+                input_dependence_per_slot=d.tolist())
 
 
 # %% ../nbs/06_analysis.ipynb #cf1cc083
@@ -144,7 +145,7 @@ def concept_metrics(concepts:torch.Tensor # (B, C, H) concept vectors
     per = _svdvals(x)                                              # (B, min(C, H))
     m.update(rankme=float(_rankme_from_sv(_svdvals(flat))), rankme_per_sample=float(_rankme_from_sv(per).mean()),
              effective_rank_per_sample=float(_nuclear_from_sv(per).mean()))
-    k = min(C, H)                                                  # graded instead of the raw count: 1 dim -> 0, all -> 1
+    k = min(C, H)                                                  # graded, not the raw count: 1 dim -> 0, all -> 1
     m['dimensions_for_95_variance_normalized'] = (d95 - 1) / (k - 1) if k > 1 else math.nan
     m.update(_input_dependence_metrics(x))                          # the ranks above cannot see input-independence
     return m
@@ -154,7 +155,7 @@ GRADE_SPECS = (
     # key, label, higher_is_better, good, ok; counts of dimensions are graded over min(C, H), never raw
     ('global_effective_rank_normalized', 'global effective rank / min(C, H)', True, 0.7, 0.3),
     ('participation_ratio_normalized', 'participation ratio / H', True, 0.3, 0.1),
-    ('dimensions_for_95_variance_normalized', 'dimensions for 95% variance, (d - 1) / (min(C, H) - 1)', True, 0.4, 0.08),
+    ('dimensions_for_95_variance_normalized', 'dimensions for 95% variance, (d-1)/(min(C,H)-1)', True, 0.4, 0.08),
     ('input_dependence', 'input dependence (mean over slots)', True, 0.2, 0.05),
     ('active_dimensions_ratio', 'fraction of dimensions active', True, 0.99, 0.9),
     ('isotropy', 'isotropy (min/max eigenvalue)', True, 0.01, 0.001),
@@ -218,8 +219,9 @@ def recommendations(metrics:Mapping[str, float] # `concept_metrics` output or `C
         out.append(f"Min dimension std {d:.2e} < 0.01, some dimensions are near-constant: add the variance or VICReg loss.")
     i = _lookup(metrics, 'input_dependence')
     if i is not None and i < 0.05:                                 # nan (one sample) gives no advice
-        out.append(f"CRITICAL: input dependence {i:.3f} < 0.05, the concepts are nearly the same for every input (the "
-                   "ranks above cannot see this): check that the encoder reads its tokens and the decoder needs the concepts.")
+        out.append(f"CRITICAL: input dependence {i:.3f} < 0.05, the concepts are nearly the same for every input "
+                   "(the ranks cannot see this): check that the encoder reads its tokens and that the decoder "
+                   "needs the concepts.")
     return out
 
 # %% ../nbs/06_analysis.ipynb #56e7c213
@@ -305,7 +307,7 @@ class ConceptReport:
 
     @staticmethod
     def upstream(metrics:Mapping, batch_metrics:Mapping) -> dict:
-        "Upstream's graded view: batch means, plus the global effective rank, singular values, dominance, input dependence."
+        "Upstream's graded view: batch means, with the global rank, singular values, dominance and input dependence."
         v = dict(batch_metrics)
         v.update(global_effective_rank=metrics['effective_rank'],
                  global_effective_rank_normalized=metrics['effective_rank_normalized'],
@@ -405,7 +407,8 @@ class ConceptReport:
     def _input_dependence_lines(self) -> list[str]:
         d, per = self.metrics.get('input_dependence'), self.metrics.get('input_dependence_per_slot') or []
         if d is None: return []
-        head = '**Input dependence** (share of the concept variance that changes with the input; 0: the same concepts for every input)'
+        head = ('**Input dependence** (share of the concept variance that changes with the input; '
+                '0: the same concepts for every input)')
         if math.isnan(d): return ['', f"{head}: n/a, needs at least 2 samples (got {self.n_samples})"]
         order = sorted(range(len(per)), key=lambda i: per[i])
         slots = (', '.join(f"{x:.2f}" for x in per) if len(per) <= 32 else
@@ -843,7 +846,8 @@ def health_check(model:nn.Module, # a pretraining model (or a bare ConceptEncode
             r, s, d = m['effective_rank_per_sample'] / k, m['max_concept_similarity'], m['input_dependence']
             rows.append(_row('concept_geometry', 'pass' if r > 0.5 and s < 0.8 and not d < 0.05 else 'warn',
                              f"per-sample rank {m['effective_rank_per_sample']:.2f}/{k} (RankMe {m['rankme_per_sample']:.2f}), "
-                             f"max similarity {s:.3f}, mean {m['mean_concept_similarity']:.3f}, input dependence {d:.3f}"))
+                             f"max similarity {s:.3f}, mean {m['mean_concept_similarity']:.3f}, "
+                             f"input dependence {d:.3f}"))
         except Exception as e: rows.append(_row('attention_rows', 'fail', f"{type(e).__name__}: {e}"))
     return pd.DataFrame(rows, columns=['check', 'status', 'detail'])
 

@@ -553,7 +553,8 @@ def read_run(path # a record (.ipynb) or its run folder
 REGISTRY_COLUMNS = ['run_id', 'date', 'kind', 'status', 'run_name', 'model_type', 'hidden_size', 'num_layers',
                     'concept_num', 'num_parameters', 'data', 'tokenizer', 'objective', 'machine', 'git_commit', 'steps', 'epochs',
                     'concept_losses', 'loss_weighting', 'loss_weight', 'task_loss', 'effective_rank', 'mean_similarity',
-                    'max_similarity', 'input_dependence', 'steps_per_s', 'tokens_per_s', 'duration_s', 'start_time', 'end_time',
+                    'max_similarity', 'input_dependence', 'steps_per_s', 'tokens_per_s', 'duration_s', 'start_time',
+                    'end_time',
                     'checkpoint', 'source_run', 'source_run_id', 'tasks', 'glue', 'glue_best', 'error', 'record',
                     'run_dir', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config']
 
@@ -696,7 +697,8 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
             ['date', 'run id', 'status', 'architecture', 'data', 'machine', 'steps', 'concept losses (weighting)',
              'task loss', 'eff. rank', 'input dependence', 'GLUE', 'speed', 'record'],
             [[_v(r, 'date'), r.run_name, _status(r), _arch(r), _v(r, 'data'), _v(r, 'machine'),
-              _fmt(_v(r, 'steps'), 0), _losses(r), _fmt(_v(r, 'task_loss'), 3), _rank(r), _fmt(_v(r, 'input_dependence'), 3),
+              _fmt(_v(r, 'steps'), 0), _losses(r), _fmt(_v(r, 'task_loss'), 3), _rank(r),
+              _fmt(_v(r, 'input_dependence'), 3),
               _score_str(linked_glue(df, r.run_id)), _speed(r), _link(_v(r, 'record'), rel_to)] for r in pre]))
     else: lines.append('No pretraining runs yet.')
     glue = [r for r in rows if r.kind == 'glue']
