@@ -15,8 +15,8 @@ import seaborn as sns
 
 # %% auto #0
 __all__ = ['UPSTREAM_KEYS', 'STANDARD_KEYS', 'GRADE_SPECS', 'PROJECT_TARGETS', 'RANK_KEYS', 'SIMILARITY_KEYS', 'COMPARISON_KEYS',
-           'FALLBACK_SENTENCES', 'nuclear_rank', 'rankme', 'as_concepts', 'concept_metrics', 'grade_value',
-           'grade_metrics', 'recommendations', 'encoder_of', 'iter_concepts', 'ConceptReport',
+           'FALLBACK_SENTENCES', 'nuclear_rank', 'rankme', 'as_concepts', 'input_dependence', 'concept_metrics',
+           'grade_value', 'grade_metrics', 'recommendations', 'encoder_of', 'iter_concepts', 'ConceptReport',
            'cosine_similarity_matrix', 'plot_similarity_heatmap', 'plot_svd_spectrum', 'plot_concept_pca',
            'attention_map', 'concept_attention', 'plot_attention_map', 'concept_usage', 'plot_concept_usage',
            'plot_training_dynamics', 'plot_report_comparison', 'sample_sentences', 'tokenize_batches', 'concept_table',
@@ -59,7 +59,8 @@ UPSTREAM_KEYS = ('effective_rank', 'effective_rank_normalized', 'dimensions_for_
                  'participation_ratio_normalized', 'mean_dimension_std', 'min_dimension_std', 'max_dimension_std',
                  'collapsed_dimensions', 'collapsed_dimensions_ratio', 'mean_concept_norm', 'std_concept_norm',
                  'min_concept_norm', 'max_concept_norm')
-STANDARD_KEYS = ('rankme', 'rankme_per_sample', 'effective_rank_per_sample')
+STANDARD_KEYS = ('rankme', 'rankme_per_sample', 'effective_rank_per_sample', 'dimensions_for_95_variance_normalized',
+                 'input_dependence', 'input_dependence_min', 'input_dependence_per_slot')
 
 def as_concepts(concepts:torch.Tensor, # (B, C, H) concepts (a (C, H) matrix is treated as B=1)
                 name:str='concepts' # argument name used in error messages
@@ -99,18 +100,39 @@ def _covariance_metrics(flat:torch.Tensor) -> dict:
                 max_dimension_std=float(std.max()), collapsed_dimensions=float(collapsed),
                 collapsed_dimensions_ratio=collapsed / H)
 
+# %% ../nbs/06_analysis.ipynb #8bf99cef
+def input_dependence(concepts:torch.Tensor # (B, C, H) concepts of B >= 2 inputs
+                    ) -> torch.Tensor:
+    "Per slot: spread of the slot across inputs over the spread of all concept vectors, (C,) float64."
+    x = as_concepts(concepts)
+    B, C, H = x.shape
+    if B < 2: raise ValueError(f"concepts: input dependence needs B >= 2 inputs, got B={B}")
+    within = x.var(0, unbiased=False).sum(-1)                      # (C,) sum_h Var_b c_bih
+    total = x.reshape(B * C, H).var(0, unbiased=False).sum()       # ()   sum_h Var_bj c_bjh
+    if total <= 1e-20 * x.pow(2).sum(-1).mean(): return torch.zeros(C, dtype=x.dtype)   # one vector everywhere: 0/0
+    return within / total
+
+def _input_dependence_metrics(x:torch.Tensor) -> dict:
+    C = x.shape[1]
+    if x.shape[0] < 2:                                             # undefined on one input: nan, not 0
+        return dict(input_dependence=math.nan, input_dependence_min=math.nan, input_dependence_per_slot=[math.nan] * C)
+    d = input_dependence(x)
+    return dict(input_dependence=float(d.mean()), input_dependence_min=float(d.min()),
+                input_dependence_per_slot=d.tolist())
+
+
 # %% ../nbs/06_analysis.ipynb #cf1cc083
 def concept_metrics(concepts:torch.Tensor # (B, C, H) concept vectors
                    ) -> dict[str, float]:
-    "Upstream-compatible concept-geometry metrics plus RankMe and per-sample ranks, as a flat dict of floats."
+    "Upstream-compatible geometry metrics, RankMe, per-sample ranks and input dependence (floats; one list per slot)."
     x = as_concepts(concepts)
     B, C, H = x.shape
     s = _svdvals(x.mean(0))                                        # batch-mean (C, H) matrix
     var = s ** 2 / ((s ** 2).sum() + 1e-8)
     cum = var.cumsum(0)
     er = float(_nuclear_from_sv(s))
-    m = dict(effective_rank=er, effective_rank_normalized=er / min(C, H),
-             dimensions_for_95_variance=float((cum < 0.95).sum() + 1),
+    d95 = float((cum < 0.95).sum() + 1)
+    m = dict(effective_rank=er, effective_rank_normalized=er / min(C, H), dimensions_for_95_variance=d95,
              top_1_variance_ratio=float(var[0]), top_5_variance_ratio=float(var[:5].sum()) if len(s) >= 5 else 1.0)
     for i in range(5): m[f'singular_value_{i+1}'] = float(s[i]) if i < len(s) else 0.0
     m['dominance'] = float(s[0] / (s.sum() + 1e-8))
@@ -123,15 +145,18 @@ def concept_metrics(concepts:torch.Tensor # (B, C, H) concept vectors
     per = _svdvals(x)                                              # (B, min(C, H))
     m.update(rankme=float(_rankme_from_sv(_svdvals(flat))), rankme_per_sample=float(_rankme_from_sv(per).mean()),
              effective_rank_per_sample=float(_nuclear_from_sv(per).mean()))
+    k = min(C, H)                                                  # graded, not the raw count: 1 dim -> 0, all -> 1
+    m['dimensions_for_95_variance_normalized'] = (d95 - 1) / (k - 1) if k > 1 else math.nan
+    m.update(_input_dependence_metrics(x))                          # the ranks above cannot see input-independence
     return m
 
 # %% ../nbs/06_analysis.ipynb #791ce2f1
 GRADE_SPECS = (
-    # key, label, higher_is_better, good, ok
-    ('global_effective_rank', 'global effective rank (raw)', True, 90., 40.),
-    ('global_effective_rank_normalized', 'global effective rank (normalised)', True, 0.7, 0.3),
-    ('participation_ratio_normalized', 'participation ratio (normalised)', True, 0.3, 0.1),
-    ('dimensions_for_95_variance', 'dimensions for 95% variance', True, 50., 10.),
+    # key, label, higher_is_better, good, ok; counts of dimensions are graded over min(C, H), never raw
+    ('global_effective_rank_normalized', 'global effective rank / min(C, H)', True, 0.7, 0.3),
+    ('participation_ratio_normalized', 'participation ratio / H', True, 0.3, 0.1),
+    ('dimensions_for_95_variance_normalized', 'dimensions for 95% variance, (d-1)/(min(C,H)-1)', True, 0.4, 0.08),
+    ('input_dependence', 'input dependence (mean over slots)', True, 0.2, 0.05),
     ('active_dimensions_ratio', 'fraction of dimensions active', True, 0.99, 0.9),
     ('isotropy', 'isotropy (min/max eigenvalue)', True, 0.01, 0.001),
     ('mean_dimension_std', 'mean dimension std', True, 0.8, 0.3),
@@ -143,7 +168,8 @@ GRADE_SPECS = (
 )
 PROJECT_TARGETS = {'global_effective_rank_normalized': ('>', 0.5), 'mean_concept_similarity': ('<', 0.2),
                    'max_concept_similarity': ('<', 0.6)}
-_FALLBACK = {'global_effective_rank': 'effective_rank', 'global_effective_rank_normalized': 'effective_rank_normalized'}
+_FALLBACK = {'global_effective_rank_normalized': 'effective_rank_normalized'}
+_NEEDS_TWO_INPUTS = ('input_dependence',)                          # nan on one input: 'n/a', not 'poor'
 
 def _lookup(metrics:Mapping, key:str):
     if key in metrics: return float(metrics[key])
@@ -165,8 +191,10 @@ def grade_metrics(metrics:Mapping[str, float] # `concept_metrics` output or `Con
         v = _lookup(metrics, key)
         if v is None: continue
         op = '≥' if hib else '<'
-        row = dict(metric=key, label=label, value=v, grade=grade_value(v, hib, good, ok),
-                   threshold=f"good {op} {good:g}, ok {op} {ok:g}", target=None, meets_target=None)
+        na = key in _NEEDS_TWO_INPUTS and math.isnan(v)
+        row = dict(metric=key, label=label, value=v, grade='n/a' if na else grade_value(v, hib, good, ok),
+                   threshold=f"good {op} {good:g}, ok {op} {ok:g}" + (' (needs >= 2 samples)' if na else ''),
+                   target=None, meets_target=None)
         if key in PROJECT_TARGETS:
             top, tv = PROJECT_TARGETS[key]
             row.update(target=f"{top} {tv:g}", meets_target=bool(v > tv if top == '>' else v < tv))
@@ -175,7 +203,7 @@ def grade_metrics(metrics:Mapping[str, float] # `concept_metrics` output or `Con
 
 def recommendations(metrics:Mapping[str, float] # `concept_metrics` output or `ConceptReport.upstream_view`
                    ) -> list[str]:
-    "Upstream's advice, as a list of strings, from the normalised global rank, mean similarity and min dimension std."
+    "Upstream's advice (normalised global rank, mean similarity, min dimension std) and ours on input dependence."
     out, r = [], _lookup(metrics, 'global_effective_rank_normalized')
     if r is not None:
         if not r >= 0.3: out.append(f"CRITICAL: normalised effective rank {r:.3f} < 0.3, the concepts are collapsed: "
@@ -189,6 +217,11 @@ def recommendations(metrics:Mapping[str, float] # `concept_metrics` output or `C
     d = _lookup(metrics, 'min_dimension_std')
     if d is not None and d < 0.01:
         out.append(f"Min dimension std {d:.2e} < 0.01, some dimensions are near-constant: add the variance or VICReg loss.")
+    i = _lookup(metrics, 'input_dependence')
+    if i is not None and i < 0.05:                                 # nan (one sample) gives no advice
+        out.append(f"CRITICAL: input dependence {i:.3f} < 0.05, the concepts are nearly the same for every input "
+                   "(the ranks cannot see this): check that the encoder reads its tokens and that the decoder "
+                   "needs the concepts.")
     return out
 
 # %% ../nbs/06_analysis.ipynb #56e7c213
@@ -236,12 +269,14 @@ def iter_concepts(model:nn.Module, # a ConceptEncoder or a model with `.encoder`
             yield c.detach().float().cpu()
 
 # %% ../nbs/06_analysis.ipynb #c417d83b
+def _finite_mean(xs) -> float:
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    return float(sum(vals) / len(vals)) if vals else math.nan
+
 def _nan_mean(dicts:list[dict]) -> dict:
-    out = {}
-    for k in dicts[0]:
-        vals = [d[k] for d in dicts if d.get(k) is not None and not math.isnan(d[k])]
-        out[k] = float(sum(vals) / len(vals)) if vals else math.nan
-    return out
+    "Per key, the mean over dicts skipping nan; list values (one per slot) element-wise."
+    return {k: [_finite_mean(col) for col in zip(*(d[k] for d in dicts))] if isinstance(v, (list, tuple))
+            else _finite_mean(d.get(k) for d in dicts) for k, v in dicts[0].items()}
 
 def _json_safe(x):
     if isinstance(x, float) and not math.isfinite(x): return None if math.isnan(x) else str(x)
@@ -251,7 +286,10 @@ def _json_safe(x):
     return x
 
 def _metric_dict(d:Mapping) -> dict:
-    return {k: (math.nan if v is None else float(v)) for k, v in d.items()}
+    f = lambda v: math.nan if v is None else float(v)
+    return {k: [f(x) for x in v] if isinstance(v, (list, tuple)) else f(v) for k, v in d.items()}
+
+_GLOBAL_VIEW = ('dominance', 'input_dependence', 'input_dependence_min', 'input_dependence_per_slot')
 
 @dataclass
 class ConceptReport:
@@ -269,11 +307,12 @@ class ConceptReport:
 
     @staticmethod
     def upstream(metrics:Mapping, batch_metrics:Mapping) -> dict:
-        "Upstream's graded view: batch means, plus the global effective rank, singular values and dominance."
+        "Upstream's graded view: batch means, with the global rank, singular values, dominance and input dependence."
         v = dict(batch_metrics)
         v.update(global_effective_rank=metrics['effective_rank'],
-                 global_effective_rank_normalized=metrics['effective_rank_normalized'], dominance=metrics['dominance'],
-                 **{f'singular_value_{i}': metrics[f'singular_value_{i}'] for i in range(1, 6)})
+                 global_effective_rank_normalized=metrics['effective_rank_normalized'],
+                 **{f'singular_value_{i}': metrics[f'singular_value_{i}'] for i in range(1, 6)},
+                 **{k: metrics[k] for k in _GLOBAL_VIEW if k in metrics})   # reports from before issue 14 lack ID
         return v
 
     @property
@@ -357,12 +396,24 @@ class ConceptReport:
                                ('rankme_per_sample', 'RankMe per sample (C × H), mean', k),
                                ('effective_rank_per_sample', 'Σσ/σ₁ per sample (C × H), mean', k)):
             lines.append(f"| {label} | {m[key]:.2f} | {m[key] / mx:.3f} |")
+        lines += self._input_dependence_lines()
         lines += ['', '| metric | value | grade | threshold | target |', '|---|---|---|---|---|']
         for g in self.grades:
             t = '' if g['target'] is None else f"{g['target']} {'✓' if g['meets_target'] else '✗'}"
             lines.append(f"| {g['label']} | {g['value']:.4g} | {g['grade']} | {g['threshold']} | {t} |")
         if self.recommendations: lines += [''] + [f"- {r}" for r in self.recommendations]
         return '\n'.join(lines)
+
+    def _input_dependence_lines(self) -> list[str]:
+        d, per = self.metrics.get('input_dependence'), self.metrics.get('input_dependence_per_slot') or []
+        if d is None: return []
+        head = ('**Input dependence** (share of the concept variance that changes with the input; '
+                '0: the same concepts for every input)')
+        if math.isnan(d): return ['', f"{head}: n/a, needs at least 2 samples (got {self.n_samples})"]
+        order = sorted(range(len(per)), key=lambda i: per[i])
+        slots = (', '.join(f"{x:.2f}" for x in per) if len(per) <= 32 else
+                 'lowest ' + ', '.join(f"#{i} {per[i]:.3f}" for i in order[:5]))
+        return ['', f"{head}: mean {d:.3f}, min {self.metrics['input_dependence_min']:.3f}; per slot: {slots}"]
 
     def _repr_markdown_(self): return self.summary()
 
@@ -605,7 +656,7 @@ def plot_training_dynamics(history:pd.DataFrame|Sequence[Mapping], # one row per
 
 # %% ../nbs/06_analysis.ipynb #d0b14935
 COMPARISON_KEYS = ('effective_rank_normalized', 'participation_ratio_normalized', 'top_1_variance_ratio', 'dominance',
-                   'mean_concept_similarity', 'max_concept_similarity', 'uniformity_loss')
+                   'mean_concept_similarity', 'max_concept_similarity', 'uniformity_loss', 'input_dependence')
 
 def plot_report_comparison(report_a:ConceptReport, # first report
                            report_b:ConceptReport, # second report
@@ -792,10 +843,11 @@ def health_check(model:nn.Module, # a pretraining model (or a bare ConceptEncode
                              f"{len(out.attentions)} layers, max attention on padding = {leak:.1e}"))
             m = concept_metrics(out.last_hidden_state)
             k = min(out.last_hidden_state.shape[1:])
-            r, s = m['effective_rank_per_sample'] / k, m['max_concept_similarity']
-            rows.append(_row('concept_geometry', 'pass' if r > 0.5 and s < 0.8 else 'warn',
+            r, s, d = m['effective_rank_per_sample'] / k, m['max_concept_similarity'], m['input_dependence']
+            rows.append(_row('concept_geometry', 'pass' if r > 0.5 and s < 0.8 and not d < 0.05 else 'warn',
                              f"per-sample rank {m['effective_rank_per_sample']:.2f}/{k} (RankMe {m['rankme_per_sample']:.2f}), "
-                             f"max similarity {s:.3f}, mean {m['mean_concept_similarity']:.3f}"))
+                             f"max similarity {s:.3f}, mean {m['mean_concept_similarity']:.3f}, "
+                             f"input dependence {d:.3f}"))
         except Exception as e: rows.append(_row('attention_rows', 'fail', f"{type(e).__name__}: {e}"))
     return pd.DataFrame(rows, columns=['check', 'status', 'detail'])
 

@@ -566,6 +566,7 @@ def read_run(path # a record (.ipynb) or its run folder
         effective_rank=_num(_find(mview, 'effective_rank', 'global_effective_rank', 'effective_rank_global')),
         mean_similarity=_num(_find(mview, 'mean_concept_similarity', 'mean_similarity')),
         max_similarity=_num(_find(mview, 'max_concept_similarity', 'max_similarity')),
+        input_dependence=_num(_find(mview, 'input_dependence')),            # None in records from before issue 14
         steps_per_s=_num(_find(mview, 'steps_per_s', 'steps_per_second', 'train_steps_per_second')),
         tokens_per_s=_num(_find(mview, 'tokens_per_s', 'tokens_per_second')),
         duration_s=_num(pm_meta.get('duration')),
@@ -584,7 +585,8 @@ def read_run(path # a record (.ipynb) or its run folder
 REGISTRY_COLUMNS = ['run_id', 'date', 'kind', 'status', 'run_name', 'model_type', 'hidden_size', 'num_layers',
                     'concept_num', 'num_parameters', 'data', 'tokenizer', 'objective', 'machine', 'git_commit', 'steps', 'epochs',
                     'concept_losses', 'loss_weighting', 'loss_weight', 'task_loss', 'effective_rank', 'mean_similarity',
-                    'max_similarity', 'steps_per_s', 'tokens_per_s', 'duration_s', 'start_time', 'end_time',
+                    'max_similarity', 'input_dependence', 'steps_per_s', 'tokens_per_s', 'duration_s', 'start_time',
+                    'end_time',
                     'checkpoint', 'source_run', 'source_run_id', 'tasks', 'glue', 'glue_best', 'error', 'record',
                     'run_dir', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config']
 
@@ -717,16 +719,18 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
     lines = [f"# {title}", '',
              "Generated from the run records by `python -m concept_nb.runs experiment-log`: edit the records, not this file.",
              "Task loss is the final held-out loss of the pretraining objective; effective rank is the global effective "
-             "rank of the concept vectors / C; GLUE scores (x100, final epoch) come from the completed GLUE runs linked "
-             "to each pretraining run.", '']
+             "rank of the concept vectors / C; input dependence is the share of the concept variance that changes "
+             "with the input (0: the same concepts for every input; blank in records from before it was logged); "
+             "GLUE scores (x100, final epoch) come from the completed GLUE runs linked to each pretraining run.", '']
     pre = [r for r in rows if r.kind == 'pretrain']
     lines += ['## Pretraining runs', '']
     if pre:
         lines.append(md_table(
             ['date', 'run id', 'status', 'architecture', 'data', 'machine', 'steps', 'concept losses (weighting)',
-             'task loss', 'eff. rank', 'GLUE', 'speed', 'record'],
+             'task loss', 'eff. rank', 'input dependence', 'GLUE', 'speed', 'record'],
             [[_v(r, 'date'), r.run_name, _status(r), _arch(r), _v(r, 'data'), _v(r, 'machine'),
               _fmt(_v(r, 'steps'), 0), _losses(r), _fmt(_v(r, 'task_loss'), 3), _rank(r),
+              _fmt(_v(r, 'input_dependence'), 3),
               _score_str(linked_glue(df, r.run_id)), _speed(r), _link(_v(r, 'record'), rel_to)] for r in pre]))
     else: lines.append('No pretraining runs yet.')
     glue = [r for r in rows if r.kind == 'glue']
@@ -882,6 +886,7 @@ def compare_tables(runs, # run ids, run names or record paths
     summ = []
     for key, name in (('task_loss', 'task loss'), ('effective_rank', 'effective rank'), ('rank_ratio', 'effective rank / C'),
                       ('mean_similarity', 'mean concept similarity'), ('max_similarity', 'max concept similarity'),
+                      ('input_dependence', 'input dependence'),
                       ('steps', 'steps'), ('steps_per_s', 'steps/s')):
         row = {'metric': name}
         for n, sp in SEED_PRETRAIN.items():

@@ -763,7 +763,8 @@ def _fmt_eval(r:dict) -> str:
     s = f"eval @ step {r['step']} | loss {r['eval_loss']:.4f}"
     if 'eval_recon_nelbo' in r: s += f" | recon_nelbo {r['eval_recon_nelbo']:.4f}"
     return s + (f" | eff. rank {r['concept/effective_rank']:.2f} | RankMe {r['concept/rankme']:.2f}"
-                f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}")
+                f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}"
+                f" | input dep. {r.get('concept/input_dependence', math.nan):.3f}")
 
 class _Recorder:
     "Appends records to history / history.jsonl / log.txt / wandb (main process only)."
@@ -1042,7 +1043,7 @@ def run_metrics(history:History, params:dict, status:str='completed') -> dict:
         m.update(eval_loss_start=ev[0]['eval_loss'], eval_loss=ev[-1]['eval_loss'])
         if 'eval_recon_nelbo' in ev[-1]: m['eval_recon_nelbo'] = ev[-1]['eval_recon_nelbo']
         for k in ('effective_rank', 'effective_rank_normalized', 'rankme', 'rankme_per_sample', 'mean_concept_similarity',
-                  'max_concept_similarity'):
+                  'max_concept_similarity', 'input_dependence', 'input_dependence_min'):
             m[k] = ev[-1].get(f'concept/{k}')
     return json_ready(m)
 

@@ -135,13 +135,74 @@ def test_grades_thresholds():
     rows = {r['metric']: r for r in grade_metrics(dict(effective_rank=45., effective_rank_normalized=0.71,
                                                        mean_concept_similarity=0.3, max_concept_similarity=0.59,
                                                        collapsed_dimensions_ratio=0.05, dominance=0.5))}
-    assert rows['global_effective_rank']['grade'] == 'ok'
+    assert 'global_effective_rank' not in rows                 # raw counts are not graded (issue 14, defect 7)
     assert rows['global_effective_rank_normalized']['grade'] == 'good'
     assert rows['mean_concept_similarity']['grade'] == 'ok'     # < 0.3 is good, 0.3 is not
     assert rows['max_concept_similarity']['grade'] == 'good'
     assert rows['active_dimensions_ratio']['grade'] == 'ok' and rows['active_dimensions_ratio']['value'] == pytest.approx(.95)
     assert rows['dominance']['grade'] == 'poor'
     assert rows['mean_concept_similarity']['meets_target'] is False and rows['max_concept_similarity']['meets_target']
+
+
+def fixed_slots(B=6, C=8, H=32, noise=1e-3, seed=0):
+    "The same C well-spread slots for every one of B inputs (plus a little noise): (B, C, H)."
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(C, H, generator=g).expand(B, C, H) + noise * torch.randn(B, C, H, generator=g)
+
+
+def test_input_independent_concepts_are_flagged_though_rankme_is_high():
+    """issue 14, defect 7: identical concepts for every input (diverse across slots) keep RankMe near C, so the
+    geometry report saw nothing; input dependence must be <= 0.05 and the grades and advice must flag it."""
+    C = 8
+    x = fixed_slots(C=C)
+    g = {r['metric']: r['grade'] for r in grade_metrics(concept_metrics(x))}
+    assert g.get('input_dependence') == 'poor'                     # today: no such row (None)
+    assert any('input dependence' in r for r in recommendations(concept_metrics(x)))
+    r = ConceptReport.from_concepts([x[:3], x[3:]])
+    assert {row['metric']: row['grade'] for row in r.grades}.get('input_dependence') == 'poor'
+    m = concept_metrics(x)
+    assert m['rankme'] >= 0.8 * C and m['rankme_per_sample'] >= 0.8 * C
+    assert m['input_dependence'] <= 0.05 and max(m['input_dependence_per_slot']) <= 0.05
+    assert r.metrics['input_dependence'] <= 0.05 and len(r.metrics['input_dependence_per_slot']) == C
+
+
+def test_input_dependent_concepts_score_high_per_slot():
+    """issue 14, defect 7: concepts that change with every input score high; per slot, fixed slots score ~0 and
+    input-driven ones high; one sample is undefined (nan, graded n/a; ValueError when asked for explicitly)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 8, 32, generator=g) + 0.3 * torch.randn(1, 8, 32, generator=g)   # input-driven plus a slot mean
+    m = concept_metrics(x)
+    assert {r['metric']: r['grade'] for r in grade_metrics(m)}.get('input_dependence') == 'good'
+    assert m['input_dependence'] >= 0.8
+    half = torch.cat([fixed_slots(16, 4), torch.randn(16, 4, 32, generator=g)], 1)   # slots 0-3 fixed, 4-7 not
+    per = concept_metrics(half)['input_dependence_per_slot']
+    assert max(per[:4]) < 1e-3 and min(per[4:]) > 0.5
+    # the mean over slots is the within-slot share of the pooled (population) variance, computed independently
+    xd = half.double().numpy()
+    within = xd.var(0).sum(-1).mean(); total = xd.reshape(-1, 32).var(0).sum()
+    assert concept_metrics(half)['input_dependence'] == pytest.approx(within / total, rel=1e-9)
+    one = concept_metrics(x[:1])
+    assert math.isnan(one['input_dependence']) and all(math.isnan(v) for v in one['input_dependence_per_slot'])
+    assert {r['metric']: r['grade'] for r in grade_metrics(one)}['input_dependence'] == 'n/a'
+    with pytest.raises(ValueError, match='B >= 2'): input_dependence(x[:1])
+
+
+@pytest.mark.parametrize('noise', [0.0, 0.05])
+def test_near_orthogonal_C16_not_graded_poor_on_ranks(noise):
+    """issue 14, defect 7: upstream's raw-count thresholds (rank >= 40, 95%-dims >= 10, set for C = 128) graded
+    near-orthogonal C = 16 concepts 'poor'; only values normalised by min(C, H) are graded now."""
+    g = torch.Generator().manual_seed(2)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    x = q[:16] + noise * torch.randn(8, 16, 64, generator=g, dtype=torch.float64)    # (8, 16, 64)
+    rows = grade_metrics(concept_metrics(x))
+    ranks = {r['metric']: r['grade'] for r in rows if 'rank' in r['metric'] or 'dimensions_for' in r['metric']}
+    assert ranks and all(v != 'poor' for v in ranks.values()), ranks    # today: global_effective_rank 'poor'
+    assert ranks == {'global_effective_rank_normalized': 'good', 'dimensions_for_95_variance_normalized': 'good'}
+    assert concept_metrics(x)['dimensions_for_95_variance_normalized'] >= 0.9
+    # and a collapsed small set (one direction, C = 8) stays poor on both normalised rows
+    one_dir = torch.randn(1, 1, 32, generator=g).expand(4, 8, 32) * torch.rand(4, 8, 1, generator=g)
+    g2 = {r['metric']: r['grade'] for r in grade_metrics(concept_metrics(one_dir))}
+    assert g2['global_effective_rank_normalized'] == g2['dimensions_for_95_variance_normalized'] == 'poor'
 
 
 def test_report_json_round_trip(tmp_path):
@@ -201,7 +262,8 @@ def test_report_from_real_model_streams_batches():
     assert r.metrics['rankme'] == pytest.approx(concept_metrics(c)['rankme'], rel=1e-4)
     # the encoder alone gives the same report
     r2 = ConceptReport.from_model(model.encoder, batches, max_batches=3)
-    assert r2.metrics == pytest.approx(r.metrics)
+    per, per2 = (x.metrics.pop('input_dependence_per_slot') for x in (r, r2))   # pytest.approx takes no lists in dicts
+    assert r2.metrics == pytest.approx(r.metrics) and per2 == pytest.approx(per) and len(per) == 6
     with pytest.raises(ValueError, match='input_ids'): ConceptReport.from_model(model, [torch.zeros(2, 3)])
 
 
@@ -241,3 +303,30 @@ def test_health_check_flags_broken_models():
         with torch.no_grad(): next(model.encoder.parameters()).mul_(1e4)
         st = health_check(model, tok, texts).set_index('check').status
         assert st['parameter_magnitude'] == 'fail'
+
+
+class _Stream:
+    "The part of concept_nb.train.BatchStream that `evaluate` uses."
+    def __init__(self, batches): self.batches = batches
+    def batch(self, k, rank=0, world=1): return self.batches[k]
+
+
+def test_training_log_and_run_metrics_carry_input_dependence():
+    """issue 14, defect 7: the eval records of concept_nb.train and the run's headline metrics (metrics.json, read by
+    the experiment log) carry input dependence, per slot and its mean."""
+    from concept_nb import train as T
+    logged = {f'concept/{k}': v for k, v in concept_metrics(fixed_slots()).items()}   # what `evaluate` records
+    rec = dict(kind='eval', step=5, eval_loss=1.0, **logged)
+    h = T.History([rec]); h.step = 5
+    m = T.run_metrics(h, dict(run_name='fixed'))
+    assert m.get('input_dependence') is not None and m['input_dependence'] <= 0.05     # today: not in the metrics
+    assert m['input_dependence_min'] <= m['input_dependence']
+    torch.manual_seed(0)
+    model = build_model('perceiver_mlm', tiny_config())
+    batches = []
+    for s in range(2):
+        ids, am = padded_batch([20, 11, 6], seed=s)
+        batches.append(dict(input_ids=ids, attention_mask=am, labels=ids.masked_fill(am == 0, -100)))
+    res = T.evaluate(model, _Stream(batches), n_batches=2)
+    assert 0 <= res['concept/input_dependence'] <= 1 and len(res['concept/input_dependence_per_slot']) == 6
+    assert '| input dep.' in T._fmt_eval(dict(res, step=0))

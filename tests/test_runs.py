@@ -1,8 +1,8 @@
 "Run records, registry, experiment log, comparison and CLI of concept_nb.runs, on real papermill records."
-import datetime as dt, json, os, subprocess, sys, threading, textwrap
+import datetime as dt, json, os, re, subprocess, sys, threading, textwrap
 from pathlib import Path
 
-import nbformat, papermill as pm, pytest
+import nbformat, pandas as pd, papermill as pm, pytest
 
 from concept_nb import runs as R
 from concept_nb.docs import repo_root
@@ -37,7 +37,7 @@ BODY = textwrap.dedent('''
 ''').strip()
 METRICS = 'display({"application/json": metrics}, raw=True)\n(run_dir/"metrics.json").write_text(json.dumps(metrics))'
 PRE_METRICS = dict(eval_loss=6.5, effective_rank=2.5, mean_concept_similarity=0.4, max_concept_similarity=0.9,
-                   steps_per_s=10.0, tokens_per_s=1280.0)
+                   input_dependence=0.417, steps_per_s=10.0, tokens_per_s=1280.0)
 GLUE_METRICS = {'mrpc': {'f1': 80.2, 'accuracy': 68.4}, 'stsb': {'pearson': 12.5, 'spearman': 11.0}}
 BASE = {'BERT-base': {'mrpc': {'f1': 89.5}, 'stsb': {'pearson': 89.4}},
         'seed L6 perceiver_mlm': {'mrpc': {'f1': 81.3, 'accuracy': 71.1}, 'stsb': {'pearson': 62.7}}}
@@ -124,6 +124,31 @@ def test_experiment_log_is_idempotent(records):
     assert 'MRPC F1 80.2' in text and '2.5/4' in text and '10 steps/s, 1280 tok/s' in text and 'cpu @ testhost' in text
     assert f"]({records['pre'].name})" in text            # links relative to the log's folder
     assert 'requested failure' not in text or 'failed' in text
+
+
+def _md_rows(text, first_col):
+    "Cells of the markdown table whose header starts with `first_col`: (header, [rows]); escaped pipes kept."
+    lines = text.splitlines()
+    i = next(k for k, l in enumerate(lines) if l.startswith(f'| {first_col} |'))
+    split = lambda l: [c.strip() for c in re.split(r'(?<!\\)\|', l.strip())[1:-1]]
+    rows = []
+    for l in lines[i + 2:]:
+        if not l.startswith('|'): break
+        rows.append(split(l))
+    return split(lines[i]), rows
+
+
+def test_experiment_log_input_dependence_column(records):
+    """issue 14, defect 7: the experiment log shows each pretraining run's input dependence (from its metrics) in an
+    "input dependence" column; records without it (written before it was logged, or failed) show it blank."""
+    text = R.experiment_log(R.load_registry(records['dir']), rel_to=records['dir'])
+    header, rows = _md_rows(text.split('## GLUE runs')[0], 'date')
+    assert 'input dependence' in header, header                     # today: no such column
+    by_name = {r[header.index('run id')]: r[header.index('input dependence')] for r in rows}
+    assert by_name[R.read_run(records['pre'])['run_name']] == '0.417' and by_name['broken'] == ''
+    reg = R.load_registry(records['dir']).set_index('run_id')
+    assert reg.loc[records['pre'].stem, 'input_dependence'] == 0.417
+    assert pd.isna(reg.loc[records['failed'].stem, 'input_dependence'])
 
 
 def test_compare_has_baselines_and_deltas(records):
