@@ -28,7 +28,7 @@ def _check(concepts, name, pairwise):
 
 def register_loss(name: str,  # registry key, used in `LossConfig.concept_losses`
                   pairwise: bool = False,  # needs C >= 2 (compares concepts within a sample)
-                  lower_bound: float | None = None,  # a value the loss never goes below, for every B, C, H (None: unknown)
+                  lower_bound: float | None = None,  # never goes below it, for any B, C, H (None: unknown)
                   overwrite: bool = False):  # allow replacing a different function already registered under `name`
     "Decorator: validate input (rank 3, C >= 2 if `pairwise`, cast to float32) and register the loss as `name`."
     def deco(fn):
@@ -146,7 +146,7 @@ def rank(c, normalize: bool = True,  # L2-normalise each concept before the SVD
     s = torch.linalg.svdvals(F.normalize(c, dim=-1) if normalize else c)   # (B, K)
     p = s / s.sum(-1, keepdim=True).clamp_min(1e-12) + eps
     erank = torch.exp(-(p * p.log()).sum(-1))
-    # eps lifts an equal spectrum's entropy a hair above log K (loss -3e-6 at K = 16): clamp, so the bound 0 holds exactly
+    # eps lifts an equal spectrum's entropy a hair above log K (loss -3e-6 at K = 16): clamp, so the bound 0 is exact
     return (1 - (erank - 1) / (s.shape[-1] - 1)).clamp_min(0).mean()
 
 # %% ../nbs/03_losses.ipynb #4198ae49
@@ -172,15 +172,16 @@ WEIGHTINGS = ('fixed', 'learnable', 'kendall_gal', 'anchored_uncertainty')
 def _check_pairs(names, weighting, loss_params):
     "ValueError for a (concept loss, weighting) pair the weighting cannot handle (see the notes above)."
     if weighting == 'learnable' and names:
-        raise ValueError(f"weighting 'learnable' refuses concept losses {names}: its softmax puts all weight on the smallest loss "
-                         "and mutes the task (shifted or not); use 'fixed', 'kendall_gal' or 'anchored_uncertainty'")
+        raise ValueError(f"weighting 'learnable' refuses concept losses {names}: its softmax puts all weight on the "
+                         "smallest loss and mutes the task (shifted or not); use 'fixed', 'kendall_gal' or "
+                         "'anchored_uncertainty'")
     for n in names:
         if weighting in ('kendall_gal', 'anchored_uncertainty') and get_loss(n).lower_bound is None:
-            raise ValueError(f"weighting {weighting!r} learns from the value of concept loss {n!r}, which declares no lower bound: "
-                             f"register it with register_loss({n!r}, lower_bound=...)")
+            raise ValueError(f"weighting {weighting!r} learns from the value of concept loss {n!r}, which declares no "
+                             f"lower bound: register it with register_loss({n!r}, lower_bound=...)")
     for n, p in loss_params.items():
         neg = {k: v for k, v in p.items() if k.endswith('_weight') and not v >= 0}
-        if neg: raise ValueError(f"loss_params[{n!r}]: {neg} must be >= 0 (the declared lower bound of {n!r} assumes it)")
+        if neg: raise ValueError(f"loss_params[{n!r}]: {neg} must be >= 0 (the lower bound of {n!r} assumes it)")
 
 def _losses_list(x):
     if x is None or (isinstance(x, str) and x.strip().lower() in ('', 'none')): return []

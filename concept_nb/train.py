@@ -185,7 +185,7 @@ def resolve_params(params:dict, # validated run parameters (missing names take `
     ortho = {'orthogonality', 'soft_orthogonality'} & set(p['concept_losses'].split())
     if ortho and p['concept_num'] > H:
         log(f"warning: {sorted(ortho)} cannot reach 0 with concept_num={p['concept_num']} > hidden_size={H}")
-    try: LossConfig.from_flat(p['concept_losses'], p['loss_weighting'], p['loss_weight'])   # refused (loss, weighting) pairs
+    try: LossConfig.from_flat(p['concept_losses'], p['loss_weighting'], p['loss_weight'])   # refused pairs
     except ValueError as e: raise ParamError(str(e)) from None
     if not p['run_name']: p['run_name'] = run_name_for(mt, p, now)
     if not p['run_dir'] and runs_dir is not None:   # only after every check: a bad run leaves no folder behind
