@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_losses.ipynb #4e2a07e0
 from __future__ import annotations
-import difflib, functools, inspect, warnings
+import difflib, functools, inspect, math, warnings
 from dataclasses import dataclass, field
 from typing import Callable
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -28,6 +28,7 @@ def _check(concepts, name, pairwise):
 
 def register_loss(name: str,  # registry key, used in `LossConfig.concept_losses`
                   pairwise: bool = False,  # needs C >= 2 (compares concepts within a sample)
+                  lower_bound: float | None = None,  # never goes below it, for any B, C, H (None: unknown)
                   overwrite: bool = False):  # allow replacing a different function already registered under `name`
     "Decorator: validate input (rank 3, C >= 2 if `pairwise`, cast to float32) and register the loss as `name`."
     def deco(fn):
@@ -36,7 +37,7 @@ def register_loss(name: str,  # registry key, used in `LossConfig.concept_losses
             raise ValueError(f"loss {name!r} is already registered ({old.__qualname__}); pass overwrite=True to replace it")
         @functools.wraps(fn)
         def loss(concepts, *args, **params): return fn(_check(concepts, name, pairwise), *args, **params)
-        loss.pairwise = pairwise
+        loss.pairwise, loss.lower_bound = pairwise, lower_bound
         LOSS_REGISTRY[name] = loss
         return loss
     return deco
@@ -64,25 +65,25 @@ def _offdiag_mean(m):
 def _warn_if_infeasible(c, name):
     if c.shape[1] > c.shape[2]: warnings.warn(f"{name}: C={c.shape[1]} > H={c.shape[2]}, so the concepts cannot all be orthogonal; the loss cannot reach 0")
 
-@register_loss('orthogonality', pairwise=True)
+@register_loss('orthogonality', pairwise=True, lower_bound=0.)
 def orthogonality(c):
     "Mean squared cosine similarity over off-diagonal concept pairs: 0 iff orthogonal, 1 iff all parallel."
     _warn_if_infeasible(c, 'orthogonality')
     return _offdiag_mean(_cos(c) ** 2)
 
-@register_loss('soft_orthogonality', pairwise=True)
+@register_loss('soft_orthogonality', pairwise=True, lower_bound=0.)
 def soft_orthogonality(c, threshold: float = 0.1):  # tolerated |cosine| tau
     "Orthogonality that ignores |cosine| below `threshold`: mean relu(|S|-tau)^2 off the diagonal."
     _warn_if_infeasible(c, 'soft_orthogonality')
     return _offdiag_mean(F.relu(_cos(c).abs() - threshold) ** 2)
 
-@register_loss('uniformity', pairwise=True)
+@register_loss('uniformity', pairwise=True, lower_bound=0.)
 def uniformity(c, temperature: float = 2.0):  # t in exp(-t * squared distance)
     "Gaussian-potential uniformity on the sphere (no log, as upstream): mean exp(-t(2-2S)) off the diagonal."
     return _offdiag_mean(torch.exp(-temperature * (2 - 2 * _cos(c))))
 
 # %% ../nbs/03_losses.ipynb #71f6c5be
-@register_loss('t_regs_mst', pairwise=True)
+@register_loss('t_regs_mst', pairwise=True, lower_bound=-2.)
 def t_regs_mst(c):
     "Minus the mean nearest-neighbour distance between normalised concepts of the same sample."
     c = F.normalize(c, dim=-1)
@@ -109,35 +110,35 @@ def _cov_term(x, correlation=False):
 
 def _rows(c): return c.reshape(1, -1, c.shape[-1])  # (B, C, H) -> (1, B*C, H)
 
-@register_loss('variance')
+@register_loss('variance', lower_bound=0.)
 def variance(c, target_std: float = 1.0, eps: float = 1e-4):  # gamma; eps inside the sqrt
     "VICReg variance hinge over the B*C concept rows (per hidden dimension)."
     return _var_term(_rows(c), target_std, eps)
 
-@register_loss('covariance')
+@register_loss('covariance', lower_bound=0.)
 def covariance(c):
     "VICReg covariance penalty over the B*C concept rows."
     return _cov_term(_rows(c))
 
-@register_loss('vicreg')
+@register_loss('vicreg', lower_bound=0.)
 def vicreg(c, variance_weight: float = 1.0, covariance_weight: float = 1.0, eps: float = 1e-4):
     "variance_weight * variance + covariance_weight * covariance (batch level, no invariance term)."
     x = _rows(c)
     return variance_weight * _var_term(x, 1.0, eps) + covariance_weight * _cov_term(x)
 
-@register_loss('combined', pairwise=True)
+@register_loss('combined', pairwise=True, lower_bound=0.)
 def combined(c, variance_weight: float = 1.0, uniformity_weight: float = 1.0, temperature: float = 2.0, eps: float = 1e-4):
     "variance_weight * variance (batch level) + uniformity_weight * uniformity (within sample)."
     return variance_weight * _var_term(_rows(c), 1.0, eps) + uniformity_weight * uniformity(c, temperature=temperature)
 
 # %% ../nbs/03_losses.ipynb #a0aa9b8b
-@register_loss('vicreg_per_sample', pairwise=True)
+@register_loss('vicreg_per_sample', pairwise=True, lower_bound=0.)
 def vicreg_per_sample(c, variance_weight: float = 1.0, covariance_weight: float = 1.0, target_std: float = 1.0, eps: float = 1e-4,
                       correlation: bool = True):  # rank-aware correlation penalty (default) or literal VICReg covariance
     "VICReg variance + covariance across the C concepts of each sample, averaged over the batch."
     return variance_weight * _var_term(c, target_std, eps) + covariance_weight * _cov_term(c, correlation)
 
-@register_loss('rank', pairwise=True)
+@register_loss('rank', pairwise=True, lower_bound=0.)
 def rank(c, normalize: bool = True,  # L2-normalise each concept before the SVD
          eps: float = 1e-7):  # added to p_k (RankMe)
     "1 - normalised entropy effective rank of each sample's (C, H) concept matrix, averaged: 0 = full rank, 1 = rank one."
@@ -145,7 +146,8 @@ def rank(c, normalize: bool = True,  # L2-normalise each concept before the SVD
     s = torch.linalg.svdvals(F.normalize(c, dim=-1) if normalize else c)   # (B, K)
     p = s / s.sum(-1, keepdim=True).clamp_min(1e-12) + eps
     erank = torch.exp(-(p * p.log()).sum(-1))
-    return (1 - (erank - 1) / (s.shape[-1] - 1)).mean()
+    # eps lifts an equal spectrum's entropy a hair above log K (loss -3e-6 at K = 16): clamp, so the bound 0 is exact
+    return (1 - (erank - 1) / (s.shape[-1] - 1)).clamp_min(0).mean()
 
 # %% ../nbs/03_losses.ipynb #4198ae49
 def plot_loss_profile(names: list[str] | None = None,  # losses to show (default: all registered)
@@ -167,6 +169,20 @@ def plot_loss_profile(names: list[str] | None = None,  # losses to show (default
 # %% ../nbs/03_losses.ipynb #dccaa245
 WEIGHTINGS = ('fixed', 'learnable', 'kendall_gal', 'anchored_uncertainty')
 
+def _check_pairs(names, weighting, loss_params):
+    "ValueError for a (concept loss, weighting) pair the weighting cannot handle (see the notes above)."
+    if weighting == 'learnable' and names:
+        raise ValueError(f"weighting 'learnable' refuses concept losses {names}: its softmax puts all weight on the "
+                         "smallest loss and mutes the task (shifted or not); use 'fixed', 'kendall_gal' or "
+                         "'anchored_uncertainty'")
+    for n in names:
+        if weighting in ('kendall_gal', 'anchored_uncertainty') and get_loss(n).lower_bound is None:
+            raise ValueError(f"weighting {weighting!r} learns from the value of concept loss {n!r}, which declares no "
+                             f"lower bound: register it with register_loss({n!r}, lower_bound=...)")
+    for n, p in loss_params.items():
+        neg = {k: v for k, v in p.items() if k.endswith('_weight') and not v >= 0}
+        if neg: raise ValueError(f"loss_params[{n!r}]: {neg} must be >= 0 (the lower bound of {n!r} assumes it)")
+
 def _losses_list(x):
     if x is None or (isinstance(x, str) and x.strip().lower() in ('', 'none')): return []
     return x.split() if isinstance(x, str) else list(x)
@@ -179,6 +195,7 @@ class LossConfig:
     loss_weights: dict[str, float] | float = 0.1  # fixed/anchored: {name: w} (optionally 'task'); a float is split evenly over the concept losses
     loss_params: dict[str, dict] = field(default_factory=dict)  # {loss name: kwargs for that loss}
     uncertainty_bound: float = 3.0  # anchored_uncertainty: |s_k| <= bound, so weights stay within w_k * [e^-b, e^b]
+    log_var_min: float = -6.0  # kendall_gal: every s_k = log sigma_k^2 is clamped to >= this (weights <= e^6 / 2 ~ 202)
 
     def __post_init__(self):
         self.concept_losses = _losses_list(self.concept_losses)
@@ -203,6 +220,8 @@ class LossConfig:
             bad = [k for k in p if k not in [q.name for q in sig]]
             if bad: raise ValueError(f"loss_params[{n!r}]: unknown parameter(s) {bad}; {n} accepts {[q.name for q in sig]}")
         if not self.uncertainty_bound > 0: raise ValueError(f"uncertainty_bound must be > 0, got {self.uncertainty_bound}")
+        if not math.isfinite(self.log_var_min): raise ValueError(f"log_var_min must be finite, got {self.log_var_min}")
+        _check_pairs(self.concept_losses, self.weighting, self.loss_params)
 
     @classmethod
     def from_flat(cls,
@@ -224,47 +243,81 @@ class LossManager(nn.Module):
         super().__init__()
         self.config = cfg = config if config is not None else LossConfig()
         self.names, n = list(cfg.concept_losses), len(cfg.concept_losses)
-        if n and cfg.weighting == 'learnable': self.logits = nn.Parameter(torch.zeros(n + 1))              # r for [task, *names]
-        if n and cfg.weighting == 'kendall_gal': self.log_vars = nn.Parameter(torch.zeros(n + 1))          # s = log sigma^2, [task, *names]
-        if n and cfg.weighting == 'anchored_uncertainty': self.raw_log_vars = nn.Parameter(torch.zeros(n))  # rho, s = b tanh(rho / b)
+        names = ['task', *self.names]
+        if n and cfg.weighting == 'learnable': self.logits = nn.Parameter(torch.zeros(n + 1))      # r, [task, *names]
+        if n and cfg.weighting == 'kendall_gal': self.log_vars = nn.Parameter(torch.zeros(n + 1))  # s = log sigma^2
+        if n and cfg.weighting == 'anchored_uncertainty': self.raw_log_vars = nn.Parameter(torch.zeros(n))  # rho
+        self.shifts = bool(n) and cfg.weighting in ('kendall_gal', 'anchored_uncertainty')  # learn from L - L_min
+        lo = [0.0] + [get_loss(k).lower_bound if self.shifts else 0.0 for k in self.names]  # task: a cross-entropy
+        self.register_buffer('bounds', torch.tensor(lo), persistent=False)                   # (n+1,) L_min
+        self.register_buffer('fixed_w', torch.tensor([cfg.loss_weights.get(k, 1.0) for k in names]), persistent=False)
+        clamped = names if cfg.weighting == 'kendall_gal' else self.names                    # the names with an s
+        self.keys = ([f'{p}/{k}' for p in ('loss', 'weight', 'term') for k in names]
+                     + ([f'shifted/{k}' for k in self.names] + [f'clamped/{k}' for k in clamped]) * self.shifts
+                     + ['loss/total'])
 
     def no_decay_parameters(self) -> list[nn.Parameter]:
         "The weighting parameters: exclude them from weight decay (decay pulls s towards 0, i.e. towards weight 1)."
         return list(self.parameters())
 
-    def _s(self):
-        "anchored_uncertainty log-variances s = b tanh(rho / b), smoothly bounded to (-b, b)."
-        b = self.config.uncertainty_bound
-        return b * torch.tanh(self.raw_log_vars / b)
+    def _range(self):
+        "(log-variance parameter, lo, hi) of a learnt weighting with concept losses, else None."
+        cfg, b = self.config, self.config.uncertainty_bound
+        if not self.shifts: return None
+        if cfg.weighting == 'kendall_gal': return self.log_vars, cfg.log_var_min, math.inf
+        return self.raw_log_vars, -2 * b, 2 * b
+
+    @torch.no_grad()
+    def clamp_(self) -> torch.Tensor | None:
+        "Project the log-variances into their range in place; 1. where this moved one (`clamped/<name>`), else 0."
+        if (r := self._range()) is None: return None
+        p, lo, hi = r
+        hit = ((p < lo) | (p > hi)).float()
+        p.clamp_(lo, hi)
+        return hit
+
+    def _s(self) -> torch.Tensor:
+        "Log-variances in the total: kendall_gal s >= log_var_min; anchored s = b tanh(rho / b) with |rho| <= 2b."
+        (p, lo, hi), b = self._range(), self.config.uncertainty_bound
+        return p.clamp(lo, hi) if self.config.weighting == 'kendall_gal' else b * torch.tanh(p.clamp(lo, hi) / b)
+
+    def _w(self) -> torch.Tensor:
+        "(n+1,) effective weights, [task, *names]: the multipliers of the (shifted) losses in the total."
+        cfg = self.config
+        if not self.names or cfg.weighting == 'fixed': return self.fixed_w
+        if cfg.weighting == 'learnable': return self.logits.softmax(0)
+        if cfg.weighting == 'kendall_gal': return 0.5 * torch.exp(-self._s())
+        return torch.cat([torch.ones_like(self.fixed_w[:1]), self.fixed_w[1:] * torch.exp(-self._s())])
 
     def weights(self) -> dict[str, torch.Tensor]:
-        "Current effective weight (the multiplier of each raw loss in the total), 'task' first."
-        cfg, names = self.config, ['task', *self.names]
-        if not self.names or cfg.weighting == 'fixed': w = [torch.tensor(cfg.loss_weights.get(k, 1.0)) for k in names]
-        elif cfg.weighting == 'learnable': w = self.logits.softmax(0).unbind()
-        elif cfg.weighting == 'kendall_gal': w = (0.5 * torch.exp(-self.log_vars)).unbind()
-        else: w = [torch.tensor(1.0)] + [cfg.loss_weights[k] * torch.exp(-s) for k, s in zip(self.names, self._s())]
-        return dict(zip(names, w))
+        "Current effective weight (the multiplier of each (shifted) loss in the total), 'task' first."
+        return dict(zip(['task', *self.names], self._w().unbind()))
+
+    def _terms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        "(n+1,) contribution of each loss to the total, from the (shifted) losses x and the effective weights w."
+        if self.config.weighting == 'kendall_gal': return w * x + 0.5 * self._s()
+        if self.config.weighting != 'anchored_uncertainty': return w * x
+        return torch.cat([x[:1], w[1:] * x[1:] + self.fixed_w[1:] * self._s()])   # the task term is exactly L_task
 
     def forward(self, task_loss: torch.Tensor,  # scalar task loss (e.g. MLM cross-entropy)
                 concepts: torch.Tensor | None = None):  # (B, C, H) concepts; unused without concept losses
-        "Return (total, breakdown): floats loss/<name>, weight/<name>, term/<name> for the task and each concept loss, and loss/total."
+        "(total, breakdown): floats loss/, weight/, term/ per loss (+ shifted/, clamped/ if learnt) and loss/total."
         if not isinstance(task_loss, torch.Tensor) or task_loss.ndim != 0:
-            raise ValueError(f"task_loss must be a scalar tensor, got {getattr(task_loss, 'shape', type(task_loss).__name__)}")
+            got = getattr(task_loss, 'shape', type(task_loss).__name__)
+            raise ValueError(f"task_loss must be a scalar tensor, got {got}")
         if not self.names:
             v = task_loss.detach().float().item()
             return task_loss, {'loss/task': v, 'weight/task': 1.0, 'term/task': v, 'loss/total': v}
         if concepts is None: raise ValueError(f"concepts (B, C, H) are required for the concept losses {self.names}")
-        cfg = self.config
-        raw = {'task': task_loss, **{n: get_loss(n)(concepts, **cfg.loss_params.get(n, {})) for n in self.names}}
-        w = {k: v.to(task_loss.device) for k, v in self.weights().items()}
-        if cfg.weighting == 'kendall_gal': terms = {k: w[k] * raw[k] + 0.5 * s for k, s in zip(raw, self.log_vars)}
-        elif cfg.weighting == 'anchored_uncertainty':
-            terms = {'task': task_loss, **{k: w[k] * raw[k] + cfg.loss_weights[k] * s for k, s in zip(self.names, self._s())}}
-        else: terms = {k: w[k] * raw[k] for k in raw}
-        total = sum(terms.values())
-        keys = [f'{p}/{k}' for p in ('loss', 'weight', 'term') for k in raw] + ['loss/total']
-        vals = torch.stack([t.detach().float().reshape(()) for d in (raw, w, terms) for t in d.values()] + [total.detach().float()])
-        return total, dict(zip(keys, vals.tolist()))   # one device sync for the whole breakdown
+        hit = self.clamp_()                                   # before s is used, so it never drifts past its clamp
+        ps = self.config.loss_params
+        raw = torch.stack([task_loss.float(), *[get_loss(n)(concepts, **ps.get(n, {})) for n in self.names]])  # (n+1,)
+        x = raw - self.bounds                                 # learnt weightings: L - L_min >= 0, so s has an optimum
+        w = self._w()
+        terms = self._terms(x, w)
+        total = terms.sum()
+        parts = [raw, w, terms] + ([x[1:], hit] if self.shifts else []) + [total[None]]
+        return total, dict(zip(self.keys, torch.cat(parts).detach().float().tolist()))   # one device sync
 
     def extra_repr(self): return f"losses={self.names}, weighting={self.config.weighting!r}"
+

@@ -187,6 +187,8 @@ def resolve_params(params:dict, # validated run parameters (missing names take `
     ortho = {'orthogonality', 'soft_orthogonality'} & set(p['concept_losses'].split())
     if ortho and p['concept_num'] > H:
         log(f"warning: {sorted(ortho)} cannot reach 0 with concept_num={p['concept_num']} > hidden_size={H}")
+    try: LossConfig.from_flat(p['concept_losses'], p['loss_weighting'], p['loss_weight'])   # refused pairs
+    except ValueError as e: raise ParamError(str(e)) from None
     if not p['run_name']: p['run_name'] = run_name_for(mt, p, now)
     if not p['run_dir'] and runs_dir is not None:   # only after every check: a bad run leaves no folder behind
         d, p['run_name'] = reserve_run_dir(runs_dir, p['run_name'])   # never shared with a same-named run
@@ -756,8 +758,10 @@ def _fmt_log(r:dict, steps:int) -> str:
     s = f"step {r['step']:>{len(str(steps))}}/{steps} | loss {r['loss']:.4f}"
     if r.get('task_loss') is not None and abs(r['task_loss'] - r['loss']) > 1e-12: s += f" (task {r['task_loss']:.4f})"
     if r.get('recon_nelbo') is not None: s += f" | recon_nelbo {r['recon_nelbo']:.4f}"
-    return s + (f" | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s"
-                f" | {r['steps_per_s']:.2f} step/s")
+    s += (f" | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s"
+          f" | {r['steps_per_s']:.2f} step/s")
+    clamped = [f"{k[8:]} {v:.0%}" for k, v in r.items() if k.startswith('clamped/') and v > 0]   # share of the window
+    return s + (f" | log-variance at its clamp: {', '.join(clamped)}" if clamped else '')
 
 def _fmt_eval(r:dict) -> str:
     s = f"eval @ step {r['step']} | loss {r['eval_loss']:.4f}"

@@ -1,5 +1,5 @@
 "Exact invariants of concept_nb.losses: loss values on constructed inputs, weighting strategies, gradients and errors."
-import math
+import math, re
 import pytest, torch
 from torch import nn
 from concept_nb.losses import LOSS_REGISTRY, LossConfig, LossManager, get_loss, register_loss
@@ -155,17 +155,21 @@ def test_manager_without_concept_losses_is_identity():
         LossManager()(torch.ones(3))
 
 
-@pytest.mark.parametrize('weighting', ['fixed', 'learnable', 'kendall_gal', 'anchored_uncertainty'])
+@pytest.mark.parametrize('weighting', ['fixed', 'kendall_gal', 'anchored_uncertainty'])
 def test_breakdown_terms_sum_to_total(weighting):
     lm = LossManager(LossConfig(['combined', 'rank'], weighting=weighting, loss_weights=0.3))
     for p in lm.parameters(): nn.init.normal_(p)
     c = torch.randn(2, 4, 6)
     total, bd = lm(torch.tensor(1.7), c)
     names = ['task', 'combined', 'rank']
-    assert set(bd) == {f'{p}/{n}' for p in ('loss', 'weight', 'term') for n in names} | {'loss/total'}
+    keys = {f'{p}/{n}' for p in ('loss', 'weight', 'term') for n in names} | {'loss/total'}
+    if weighting != 'fixed':                                                 # learnt: shifted losses, clamp flags
+        keys |= {'shifted/combined', 'shifted/rank', 'clamped/combined', 'clamped/rank'}
+        keys |= {'clamped/task'} if weighting == 'kendall_gal' else set()
+    assert set(bd) == keys
     assert all(isinstance(v, float) for v in bd.values())
     assert sum(bd[f'term/{n}'] for n in names) == pytest.approx(total.item(), abs=1e-5)
-    assert bd['loss/total'] == pytest.approx(total.item(), abs=1e-6)
+    assert bd['loss/total'] == pytest.approx(total.item(), abs=1e-5)
     assert bd['loss/rank'] == pytest.approx(get_loss('rank')(c).item(), abs=1e-6)
     with pytest.raises(ValueError, match='concepts'):
         lm(torch.tensor(1.0))
@@ -189,6 +193,27 @@ def test_kendall_gal_formula_and_negative_total():
         total, bd = lm(torch.tensor(0.5), c); opt.zero_grad(); total.backward(); opt.step()
     assert total.item() < 0 and bd['loss/total'] < 0
     assert bd['weight/task'] < bd['weight/orthogonality']
+
+
+def test_kendall_gal_shifts_negative_loss_and_clamps():
+    """issue 14, defect 2: kendall_gal learns from t_regs_mst + 2 (its bound) and logs the raw and the shifted loss; a
+    log-variance below log_var_min is projected back onto it and flagged in clamped/<name>. Before: raw L, no clamp."""
+    lm = LossManager(LossConfig(['t_regs_mst', 'variance'], weighting='kendall_gal'))
+    s = torch.tensor([0.3, -1.2, 2.0])
+    with torch.no_grad(): lm.log_vars.copy_(s)
+    c = torch.randn(2, 4, 6)
+    L = torch.tensor([1.5, get_loss('t_regs_mst')(c).item() + 2, get_loss('variance')(c).item()])
+    total, bd = lm(torch.tensor(1.5), c)
+    assert total.item() == pytest.approx((0.5 * torch.exp(-s) * L + 0.5 * s).sum().item(), abs=1e-5)
+    assert bd['shifted/t_regs_mst'] == pytest.approx(bd['loss/t_regs_mst'] + 2, abs=1e-6)
+    assert bd['shifted/variance'] == bd['loss/variance']
+    with torch.no_grad(): lm.log_vars.copy_(torch.tensor([0.0, -50.0, -6.0]))
+    total, bd = lm(torch.tensor(1.5), c)
+    assert lm.log_vars.tolist() == [0.0, -6.0, -6.0]                         # projected in place; -6 is in range
+    assert (bd['clamped/task'], bd['clamped/t_regs_mst'], bd['clamped/variance']) == (0.0, 1.0, 0.0)
+    assert bd['weight/t_regs_mst'] == pytest.approx(0.5 * math.exp(6), rel=1e-6)
+    g, = torch.autograd.grad(total, lm.log_vars)                             # at the clamp the gradient still flows
+    assert g[1].item() == pytest.approx(0.5 * (1 - math.exp(6) * L[1].item()), rel=1e-4)
 
 
 def test_anchored_task_weight_is_one_over_100_adamw_steps():
@@ -215,11 +240,103 @@ def test_anchored_task_weight_is_one_over_100_adamw_steps():
         assert 0.1 * math.exp(-2) <= bd[f'weight/{n}'] <= 0.1 * math.exp(2)
 
 
-def test_learnable_softmax_is_degenerate():
-    lm = LossManager(LossConfig(['orthogonality'], weighting='learnable'))
-    _, bd = lm(torch.tensor(1.0), orthonormal())
-    assert bd['weight/task'] == pytest.approx(0.5)                           # softmax of zeros
-    opt = torch.optim.SGD(lm.parameters(), lr=1.0)
-    for _ in range(100):
-        total, bd = lm(torch.tensor(3.0), orthonormal() + 0.05); opt.zero_grad(); total.backward(); opt.step()
-    assert bd['weight/task'] < 0.02                                          # all weight moved to the easy loss
+def test_learnable_refuses_concept_losses():
+    """issue 14, defect 2: `learnable` softmax weights put all mass on the smallest loss (a negative t_regs_mst at
+    once, any concept loss below the task loss eventually), muting the task; the config refuses it, naming losses and
+    weighting."""
+    for names in (['t_regs_mst'], ['orthogonality', 'rank']):
+        with pytest.raises(ValueError, match=re.escape(f"weighting 'learnable' refuses concept losses {names}")):
+            LossConfig(names, weighting='learnable')
+    assert LossManager(LossConfig([], weighting='learnable'))(torch.tensor(2.0))[0].item() == 2.0   # no concept loss
+
+
+# ---- issue 14, defect 2: lower bounds, shifted learnt weightings, the Kendall-Gal clamp ----
+
+def simplex(C, H):
+    "A regular simplex, randomly rotated: C unit vectors in H >= C - 1 dims, all pairwise cosines -1/(C-1); (1, C, H)."
+    x = torch.eye(C) - 1 / C                                                 # (C, C) centred basis, rank C - 1
+    v = torch.linalg.svd(x).Vh[:C - 1].T                                     # (C, C-1) basis of its span
+    s = nn.functional.pad(nn.functional.normalize(x @ v, dim=-1), (0, H - C + 1))
+    return (s @ torch.linalg.qr(torch.randn(H, H)).Q)[None]
+
+
+@pytest.mark.filterwarnings('ignore:.*cannot all be orthogonal')
+@pytest.mark.parametrize('name', sorted(LOSS_REGISTRY))
+def test_declared_lower_bounds_hold(name):
+    """issue 14, defect 2: every loss declares a lower bound valid for every C and H; the loss never goes below it on
+    regular simplices (C <= H+1), on random concepts, nor after 60 Adam steps that minimise the loss itself (also for
+    C > H+1)."""
+    f = get_loss(name)
+    lo = getattr(f, 'lower_bound', None)
+    assert lo is not None and lo <= 0
+    torch.manual_seed(0)
+    for C, H in [(2, 2), (2, 9), (4, 3), (9, 8), (6, 12), (8, 3), (12, 4)]:
+        xs = [torch.randn(3, C, H), 0.05 * torch.randn(3, C, H)] + ([simplex(C, H)] if C <= H + 1 else [])
+        for x in xs: assert f(x).item() >= lo - 1e-6, (C, H, f(x).item())
+    for C, H in [(2, 3), (4, 3), (12, 4)]:                                   # adversarial: minimise the loss itself
+        c = nn.Parameter(torch.randn(2, C, H))
+        opt = torch.optim.Adam([c], lr=0.05)
+        for _ in range(60):
+            loss = f(c); opt.zero_grad(); loss.backward(); opt.step()
+        assert f(c).item() >= lo - 1e-6, (C, H, f(c).item())
+    if name == 't_regs_mst':                                                 # tight: -sqrt(2C/(C-1)) on a simplex
+        for C, H in [(2, 2), (4, 3), (16, 15), (16, 32)]:
+            assert f(simplex(C, H)).item() == pytest.approx(-math.sqrt(2 * C / (C - 1)), abs=1e-5)
+        assert f(simplex(2, 5)).item() == pytest.approx(lo, abs=1e-6)
+
+
+def _stand_in(name, real, values):
+    "A stand-in for the registered loss `name`: returns `values[name]` (computed by the test), has its attributes."
+    def loss(concepts): return values[name]
+    loss.pairwise, loss.lower_bound = real.pairwise, getattr(real, 'lower_bound', None)
+    return loss
+
+
+@pytest.mark.filterwarnings('ignore:.*cannot all be orthogonal')
+@pytest.mark.parametrize('trainable', [False, True], ids=['frozen', 'trainable'])
+def test_learnt_weights_stay_bounded_2000_adam_steps(trainable, monkeypatch):
+    """issue 14, defect 2: for every (loss, weighting) pair LossConfig accepts, 2,000 Adam steps at lr 0.05 on a toy
+    task (0.5 + a quadratic) plus the concept loss on a small (2, 2, 3) concept tensor, frozen or trainable: every
+    effective weight stays below 1e3x its initial value and the task's weight above 0.05. Before the fix, kendall_gal on
+    t_regs_mst (negative) and on losses that reach 0 sent its log-variance to -inf, and learnable muted the task.
+    For speed, the pairs of one weighting share one LossManager (its total is a sum of independent terms and Adam is
+    elementwise, so each weight parameter follows its own loss), and each concept loss has its own concept tensor,
+    evaluated once per step for all weightings: when trainable, it is minimised by that loss's terms under every
+    weighting together. `fixed` has no parameters: its weights are the configured constants."""
+    from concept_nb.losses import WEIGHTINGS
+    torch.manual_seed(0)
+    names, c0 = sorted(LOSS_REGISTRY), 0.3 * torch.randn(2, 2, 3)            # C = 2 <= H + 1: t_regs_mst can reach -2
+    accepted = {}
+    for w in WEIGHTINGS:
+        for n in names:
+            try: LossConfig([n], weighting=w); accepted.setdefault(w, []).append(n)
+            except ValueError: pass
+    real, values = {n: get_loss(n) for n in names}, {}
+    concepts = {n: nn.Parameter(c0.clone(), requires_grad=trainable) for n in names}
+    for n in names: monkeypatch.setitem(LOSS_REGISTRY, n, _stand_in(n, real[n], values))
+    lms = {w: LossManager(LossConfig(ns, weighting=w, loss_weights={'task': 1.0, **{n: 0.1 for n in ns}}))
+           for w, ns in accepted.items()}
+    for w in [w for w, lm in lms.items() if not list(lm.parameters())]:      # fixed: nothing learns, constant weights
+        got = {k: v.item() for k, v in lms.pop(w).weights().items()}
+        assert got == pytest.approx({'task': 1.0, **{n: 0.1 for n in accepted[w]}})
+    theta = nn.Parameter(torch.zeros(len(lms), 4))
+    opt = torch.optim.Adam([theta, *concepts.values(), *[p for lm in lms.values() for p in lm.parameters()]], lr=0.05)
+    w0, wmax, task_min = {}, {}, {}
+    for step in range(2000):
+        if trainable or step == 0: values.update({n: real[n](c) for n, c in concepts.items()})
+        task = 0.5 + ((theta - 1) ** 2).mean(1)                              # (n weightings,) toy task, floor 0.5
+        total = 0.
+        for i, (w, lm) in enumerate(lms.items()):
+            t, bd = lm(task[i], c0)
+            total = total + t
+            for n in ['task', *accepted[w]]:
+                k = (w, n)
+                if step == 0: w0[k] = bd[f'weight/{n}']
+                wmax[k] = max(wmax.get(k, 0.), bd[f'weight/{n}'])
+            task_min[w] = min(task_min.get(w, 1.), bd['weight/task'])
+        opt.zero_grad(); total.backward(retain_graph=not trainable); opt.step()
+    too_big = {k: (w0[k], v) for k, v in wmax.items() if not v < 1e3 * w0[k]}
+    assert not too_big, too_big
+    muted = {w: v for w, v in task_min.items() if not v > 0.05}
+    assert not muted, muted
+    assert accepted == {w: names for w in ('fixed', 'kendall_gal', 'anchored_uncertainty')}  # learnable: refused

@@ -213,3 +213,19 @@ def test_papermill_run_notebook(tmp_path):
     hist = [json.loads(l) for l in (run / 'history.jsonl').read_text().splitlines()]
     assert [r['step'] for r in hist if r['kind'] == 'eval'] == [0, 4, 8]
     assert any('weight/orthogonality' in r for r in hist if r['kind'] == 'train')
+
+
+def test_log_line_names_clamped_log_variances():
+    "issue 14, defect 2: the training log line names each log-variance that sat at its clamp, with the share of steps."
+    from concept_nb.train import _fmt_log
+    r = dict(step=10, loss=1.0, task_loss=1.2, lr=1e-3, grad_norm=0.5, tokens_per_s=100., steps_per_s=2.,
+             **{'clamped/task': 0.0, 'clamped/variance': 0.25})
+    assert _fmt_log(r, 100).endswith('| log-variance at its clamp: variance 25%')
+    assert 'clamp' not in _fmt_log({**r, 'clamped/variance': 0.0}, 100)
+
+
+def test_refused_loss_weighting_pair_is_a_param_error(tmp_path):
+    "issue 14, defect 2: `learnable` with a concept loss is refused before any run folder exists."
+    with pytest.raises(ParamError, match="weighting 'learnable' refuses concept losses"):
+        resolve_params(dict(concept_losses='t_regs_mst', loss_weighting='learnable'), runs_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
