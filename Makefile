@@ -50,8 +50,10 @@ experiment-log: install
 docs: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs docs
 
+# The benchmark scripts (benchmarks/README.md); BENCH=step etc. for one of them.
+BENCH ?= all
 bench: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.bench all
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/bench.py $(BENCH)
 
 export: install
 	$(BIN)/nbdev_export

@@ -1,10 +1,16 @@
-"CI-sized benchmarks (tiny shapes, one repetition): record structure, positive times, ratio columns, FLOP formulas."
-import json
+"""CI-sized runs of the benchmark scripts in `benchmarks/` (tiny shapes, one repetition): record structure, positive
+times, ratio columns, the flags that mark untrustworthy figures, and the command line run as users run it."""
+import json, math, subprocess, sys
+from pathlib import Path
 import pytest, torch
-from concept_nb import bench
-from concept_nb.bench import (Shape, STEP_MODELS, forward_flops, flop_ratio, encoder_bench, step_bench, packing_bench,
-                              gpu_bench, add_ratios, check_targets, format_table, format_targets, main, peak_memory,
-                              rss_peak_supported, mlm_batch, ENCODER_COLUMNS)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))   # the scripts import their sibling `harness` as a top-level module
+import bench, harness  # noqa: E402
+from concept_nb.flops import STEP_MODELS, forward_flops  # noqa: E402
+from harness import (add_flags, add_ratios, check_targets, format_flags, format_table, format_targets,  # noqa: E402
+                     interleaved_times, mlm_batch, peak_memory, ratio_stability, rss_peak_supported)
+from bench import encoder_bench, step_bench, packing_bench, gpu_bench, main  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -19,36 +25,6 @@ def _base(rows, N, model):
     return next(r for r in rows if r['N'] == N and r['model'] == model)
 
 
-def test_flops_hand_computed():
-    s = Shape(hidden=4, layers=1, intermediate=8, concepts=2, heads=1, vocab=10)
-    s2 = Shape(hidden=4, layers=2, intermediate=8, concepts=2, heads=1, vocab=10)
-    # BERT layer, N=3: QKVO 8*N*H^2 = 384, attention 4*N^2*H = 144, FFN 4*N*H*I = 384
-    assert forward_flops('bert', 3, s)['total'] == 912
-    # concept layer: K,V of tokens 192 + cross-attention 96 + q,o 64+64 + self-attention (64+128+64+64) + gated FFN (256+128)
-    assert forward_flops('concept', 3, s)['total'] == 1120
-    assert forward_flops('recursive', 3, s)['total'] == 1120
-    # two layers double the encoder; the MLM head is H->H transform + H->V decoder at every position
-    assert forward_flops('bert_mlm', 3, s2) == dict(encoder=1824, decoder=0, head=96 + 240, total=1824 + 336)
-    # sparse head on 1 labelled row; ideal decoding runs the decoder block on that row only
-    f_all, f_lab = forward_flops('perceiver_mlm', 3, s, labelled=1), forward_flops('perceiver_mlm', 3, s, labelled=1, decode='labelled')
-    assert f_all['head'] == f_lab['head'] == 80
-    assert f_lab['decoder'] == 32 + 128 + 32 + 32 + 128 + 64 and f_all['decoder'] == 96 + 128 + 96 + 96 + 384 + 192
-    assert flop_ratio('concept', 3, s) == pytest.approx(912 / 1120)
-    # BiXT: token work grows with N, the concept side does not; the last layer has no token update
-    # per token: K,V 64 + cross 32 (+ in updating layers: tokens read concepts 16, o_x 32, token FFN 128 + 64)
-    assert forward_flops('bixt', 6, s)['total'] - forward_flops('bixt', 3, s)['total'] == 3 * (64 + 32)
-    assert forward_flops('bixt', 6, s2)['total'] - forward_flops('bixt', 3, s2)['total'] == 3 * (64 + 32 + 16 + 32 + 128 + 64) + 3 * (64 + 32)
-    assert forward_flops('bixt', 3, s)['total'] == 1120   # a lone (last) BiXT layer costs what a concept layer does: rv_c H->H like q
-    with pytest.raises(ValueError, match='decode'): forward_flops('perceiver_mlm', 3, s, decode='some')
-    with pytest.raises(ValueError, match='model'): forward_flops('gpt', 3, s)
-
-
-def test_flop_ratio_grows_with_n():
-    r = [flop_ratio('concept', N, 'l6') for N in (512, 2048, 8192)]
-    assert r[0] < r[1] < r[2] and 1.9 < r[0] < 2.1
-    assert 7 < flop_ratio('perceiver_mlm', 4096, 'l6', decode='labelled') < 8
-
-
 def test_add_ratios_and_table():
     rows = add_ratios([dict(N=4, model='bert', time_s=3., flops=90, peak_mb=30.),
                        dict(N=4, model='x', time_s=1., flops=30, flops_ideal=10, peak_mb=3.)], 'bert')
@@ -61,11 +37,14 @@ def test_add_ratios_and_table():
 
 def test_targets():
     res = dict(benchmark='encoder', settings=dict(device='cpu'),
-               rows=[dict(N=512, model='concept', speedup=5.5, flop_ratio=2.), dict(N=4096, model='concept', speedup=10., flop_ratio=9.),
+               rows=[dict(N=512, model='concept', speedup=5.5, flop_ratio=2.),
+                     dict(N=4096, model='concept', speedup=10., flop_ratio=9.),
                      dict(N=8192, model='concept', mem_ratio=4.)])
     assert [t['status'] for t in check_targets(res)] == ['PASS', 'MISS', 'MISS']
-    assert format_targets(check_targets(res)).splitlines()[0].startswith('PASS  encoder fwd+bwd speed-up vs BertModel at N=512')
-    pk = dict(benchmark='packing', settings={}, rows=[dict(block=128, mode='packed', real_share=0.999), dict(block=128, mode='x', real_share=0.4)])
+    first = format_targets(check_targets(res)).splitlines()[0]
+    assert first.startswith('PASS  encoder fwd+bwd speed-up vs BertModel at N=512')
+    pk = dict(benchmark='packing', settings={},
+              rows=[dict(block=128, mode='packed', real_share=0.999), dict(block=128, mode='x', real_share=0.4)])
     assert [t['status'] for t in check_targets(pk)] == ['PASS']
     assert check_targets(dict(benchmark='gpu', settings={}, rows=[]))[0]['status'] == 'N/A'
 
@@ -97,7 +76,8 @@ def test_encoder_bench_tiny():
 
 def test_step_bench_tiny():
     res = step_bench(plan={16: STEP_MODELS, 32: STEP_MODELS[:2]}, tokens=32, shape='tiny', reps=1, progress=False)
-    assert [(r['N'], r['model']) for r in res['rows']] == [(16, m) for m in STEP_MODELS] + [(32, m) for m in STEP_MODELS[:2]]
+    want = [(16, m) for m in STEP_MODELS] + [(32, m) for m in STEP_MODELS[:2]]
+    assert [(r['N'], r['model']) for r in res['rows']] == want
     for r in res['rows']:
         b = _base(res['rows'], r['N'], 'bert_mlm')
         assert r['time_s'] > 0 and r['real_tokens'] == r['batch'] * r['N'] == 32
@@ -108,13 +88,15 @@ def test_step_bench_tiny():
     mlm = _base(res['rows'], 16, 'perceiver_mlm')
     assert mlm['labelled'] == 2 * round(0.15 * 16)                     # exactly 15% of every sequence
     assert _base(res['rows'], 16, 'tsdae_posonly')['labelled'] == 32     # dense reconstruction
-    with pytest.raises(ValueError, match='bert_mlm'): step_bench(plan={16: ('perceiver_mlm',)}, shape='tiny', progress=False)
+    with pytest.raises(ValueError, match='bert_mlm'):
+        step_bench(plan={16: ('perceiver_mlm',)}, shape='tiny', progress=False)
 
 
 def test_mlm_batch_labels_only_masked_positions():
     b = mlm_batch(3, 20, 50, seed=1)
     lab = b['labels'] != -100
-    assert lab.sum(1).tolist() == [3, 3, 3] and (b['input_ids'][lab] == bench.MASK).all() and (b['input_ids'][~lab] > bench.MASK).all()
+    assert lab.sum(1).tolist() == [3, 3, 3]
+    assert (b['input_ids'][lab] == harness.MASK).all() and (b['input_ids'][~lab] > harness.MASK).all()
 
 
 def test_packing_bench_small():
@@ -123,7 +105,8 @@ def test_packing_bench_small():
         [(b, m) for b in (128, 512) for m in ('packed', 'one doc / seq', 'one doc / seq')]
     for b in (128, 512):
         packed, upstream, dynamic = [r for r in res['rows'] if r['block'] == b]
-        assert 0 < upstream['real_share'] <= dynamic['real_share'] <= 1 and upstream['real_share'] < packed['real_share'] <= 1
+        assert 0 < upstream['real_share'] <= dynamic['real_share'] <= 1
+        assert upstream['real_share'] < packed['real_share'] <= 1
         assert packed['batches'] == -(-packed['sequences'] // 4) and upstream['sequences'] == 30
         assert packed['text_kept'] >= upstream['text_kept'] and packed['text_kept'] == pytest.approx(1, abs=0.02)
         assert packed['text_share'] < packed['real_share'] and packed['min_batch_share'] <= packed['real_share']
@@ -151,7 +134,8 @@ def test_cli_writes_json(tmp_path, capsys):
 
 
 def test_step_profile_and_breakdown():
-    res = step_bench(plan={16: ('bert_mlm', 'perceiver_mlm')}, tokens=16, shape='tiny', reps=1, profile=True, progress=False)
+    res = step_bench(plan={16: ('bert_mlm', 'perceiver_mlm')}, tokens=16, shape='tiny', reps=1, profile=True,
+                     progress=False)
     assert [b['model'] for b in res['breakdown']] == ['bert_mlm', 'perceiver_mlm']
     for b in res['breakdown']:
         assert b['step'] > 0 and b['encoder'] > 0
@@ -162,8 +146,86 @@ def test_step_profile_and_breakdown():
 
 def test_torch_threads_restores():
     n = torch.get_num_threads()
-    with bench.torch_threads(2):
+    with harness.torch_threads(2):
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == n
-    res = encoder_bench(seq_lens=(16,), tokens=16, shape='tiny', modes=('concept',), reps=1, threads=1, memory=False, progress=False)
+    res = encoder_bench(seq_lens=(16,), tokens=16, shape='tiny', modes=('concept',), reps=1, threads=1, memory=False,
+                        progress=False)
     assert res['settings']['torch_threads'] == 1 and res['rows'][0]['peak_mb'] is None and torch.get_num_threads() == n
+
+
+# ---- issue 20: figures that can be trusted (flags, repetitions until the ratio is stable, how stable it is)
+
+def test_ratio_stability_is_a_t_interval_of_paired_log_ratios():
+    assert ratio_stability([2.], [1.]) is None                       # one repetition: unknown
+    assert ratio_stability([2., 4., 6.], [1., 2., 3.]) == 0           # the same ratio every time
+    logs = [math.log(2.2), math.log(1.8)]                             # df = 1: t = 12.71
+    sd = abs(logs[0] - logs[1]) / math.sqrt(2)
+    assert ratio_stability([2.2, 1.8], [1., 1.]) == pytest.approx(math.exp(12.71 * sd / math.sqrt(2)) - 1)
+
+
+def test_interleaved_times_repeats_until_the_ratio_is_stable(monkeypatch):
+    monkeypatch.setattr(harness, 'time_call', lambda fn, device='cpu': fn())
+    steady = {'base': iter([2.] * 50).__next__, 'x': iter([1.] * 50).__next__}
+    assert [len(v) for v in interleaved_times(steady, 3, baseline='base', max_reps=20).values()] == [3, 3]
+    noisy = {'base': iter([2., 1.] * 25).__next__, 'x': iter([1.] * 50).__next__}
+    out = interleaved_times(noisy, 3, baseline='base', max_reps=12, tol=0.10)
+    assert [len(v) for v in out.values()] == [12, 12]                 # never stable to +-10%: stops at max_reps
+    assert [len(v) for v in interleaved_times(noisy, 2).values()] == [2, 2]   # without a baseline: exactly reps
+
+
+def _row(N, model, t, flops, **kw):
+    return dict(N=N, model=model, time_s=t, times_s=kw.pop('times', [t]), flops=flops, **kw)
+
+
+def test_flags_mark_shares_above_the_ideal_and_unsteady_repetitions():
+    # the README's step row at N=4096 before issue 20: 14.8x against a FLOP ideal of 8.48x (174%)
+    rows = [_row(4096, 'bert_mlm', 4.51, 848, times=[4.4, 4.51, 4.6]),
+            _row(4096, 'perceiver_mlm', 0.306, 100, flops_ideal=100, times=[0.3, 0.306, 0.31]),
+            _row(512, 'bert_mlm', 1., 280, times=[1., 1., 1.3]),
+            _row(512, 'perceiver_mlm', 0.36, 100, flops_ideal=100, times=[0.36, 0.36, 0.36])]
+    add_flags(add_ratios(rows, 'bert_mlm', mem_key=None), 'bert_mlm')
+    hi, base512, ok = rows[1], rows[2], rows[3]
+    assert hi['share_of_ideal'] == pytest.approx(1.74, abs=0.01) and hi['flags'] == ['174% of FLOP ideal']
+    assert base512['flags'] == ['spread 1.30'] and base512['ratio_pm'] is None
+    assert ok['flags'] == ['ratio ±46%'] and ok['reps'] == 3 and ok['spread'] == 1
+    printed = format_flags(rows)
+    assert printed.splitlines()[0] == 'stability (95%): N=4096: 3 reps, speed-ups ±1%; N=512: 3 reps, speed-ups ±46%'
+    assert 'SUSPECT  N=4096 perceiver_mlm: 174% of FLOP ideal' in printed
+    res = dict(benchmark='step', settings=dict(device='cpu'), rows=rows)
+    line = format_targets(check_targets(res)).splitlines()[1]
+    assert line.startswith('PASS  perceiver_mlm training-step speed-up')
+    assert line.endswith('[SUSPECT: 174% of FLOP ideal]')
+
+
+def test_step_bench_records_repetitions_and_flags():
+    res = step_bench(plan={16: ('bert_mlm', 'perceiver_mlm')}, tokens=16, shape='tiny', reps=2, max_reps=3,
+                     progress=False)
+    assert res['settings']['max_reps'] == 3 and res['settings']['tolerance'] == 0.10
+    for r in res['rows']:
+        assert 2 <= r['reps'] == len(r['times_s']) <= 3 and r['spread'] >= 1 and isinstance(r['flags'], list)
+    assert res['rows'][1]['ratio_pm'] is not None and res['rows'][0]['ratio_pm'] is None
+    assert bench.report(dict(res, machine=harness.machine_info())).count('stability (95%): N=16:') == 1
+
+
+def test_busy_note():
+    assert bench.busy_note(dict(cpu_count=2, loadavg=[0.9, 1, 1], loadavg_before=[0.5, 1, 1])) == ''
+    assert bench.busy_note(dict(cpu_count=2, loadavg=[4.2, 1, 1])).startswith('BUSY MACHINE: 1-minute load 4.20')
+
+
+def test_script_runs_as_users_run_it(tmp_path):
+    "`python benchmarks/bench.py gpu --quick --device cpu`: the command `make bench` and `concept-nb bench` run."
+    out = tmp_path / 'gpu.json'
+    p = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'bench.py'), 'gpu', '--quick', '--device', 'cpu',
+                        '--out', str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert '| model | params |' in p.stdout and 'perceiver_mlm real tokens/s on one GPU' in p.stdout
+    rec = json.loads(out.read_text())
+    assert rec['benchmark'] == 'gpu' and rec['quick'] and [r['model'] for r in rec['rows']][-1] == 'bert_mlm'
+
+
+def test_cli_errors_in_one_line():
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^error: device='cuda': CUDA is not available"):
+            main(['step', '--device', 'cuda'])
+    with pytest.raises(SystemExit): main(['nonsense'])
