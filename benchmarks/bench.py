@@ -263,7 +263,8 @@ def _gpu_row(name, s, seq_len, batch, steps, reps, warmup, dev, dtype, compile, 
     torch.manual_seed(seed)
     model = make_step_model(name, s, seq_len).to(dev).train()
     opt, params = _optimizer(model, dev), n_params(model)
-    fwd = torch.compile(model) if compile else model
+    # compile: True (inductor) or a backend name ('eager' traces without generating code: the CPU dry run)
+    fwd = model if not compile else torch.compile(model, **({'backend': compile} if isinstance(compile, str) else {}))
     batch_ = {k: v.to(dev) for k, v in step_batch(name, batch, seq_len, s.vocab, seed).items()}
     fn = _train_step(fwd, batch_, opt, dev, dtype)
     for _ in range(warmup): fn()
@@ -281,7 +282,7 @@ def gpu_bench(models=('perceiver_mlm', 'perceiver_posonly_mlm', 'tsdae_posonly',
               steps:int=10, # steps per timed block
               reps:int=3, warmup:int=3,
               device:str='cuda', dtype:str='bf16',
-              compile:bool=False, # torch.compile every model (default mode)
+              compile:bool|str=False, # torch.compile every model (True: inductor; or a backend name)
               peak:float|None=None, # peak TFLOP/s for MFU (default: looked up from the device name)
               seed:int=0, progress:bool=True) -> dict:
     "Training throughput, MFU and peak memory of each model at one shape, bf16 on a GPU."
