@@ -273,9 +273,7 @@ def _gpu_row(name, s, seq_len, batch, steps, reps, warmup, dev, dtype, compile, 
     r = dict(_step_row(name, seq_len, batch, batch_, s, times), params=params,
              peak_gb=torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else None)
     r['achieved_tflops'] = r['flops'] / r['time_s'] / 1e12
-    del model, opt, fwd, fn, batch_; gc.collect()
-    if dev.type == 'cuda': torch.cuda.empty_cache()
-    return r
+    return r   # the model, optimiser and batch go with this frame: the caller collects
 
 def gpu_bench(models=('perceiver_mlm', 'perceiver_posonly_mlm', 'tsdae_posonly', 'diffusion_mlm', 'bert_mlm'),
               shape:Shape|str='l6', seq_len:int=512, batch:int=64,
@@ -292,6 +290,8 @@ def gpu_bench(models=('perceiver_mlm', 'perceiver_posonly_mlm', 'tsdae_posonly',
     rows = []
     for name in models:
         r = _gpu_row(name, s, seq_len, batch, steps, reps, warmup, dev, dtype, compile, seed)
+        gc.collect()
+        if dev.type == 'cuda': torch.cuda.empty_cache()
         r['mfu'] = r['achieved_tflops'] / peak if peak else None
         rows.append(r)
         log(progress, f"{name}: {r['tokens_per_s']:,.0f} tok/s, {r['achieved_tflops']:.1f} TFLOP/s")
@@ -402,7 +402,7 @@ def main(argv:list[str]|None=None) -> int:
     "`python benchmarks/bench.py <name> [options]`: run, print the report, write the JSON record."
     a = parser().parse_args(argv)
     try: dev = device_of(a.device)
-    except (ValueError, RuntimeError) as e: raise SystemExit(f"error: {e}")
+    except (ValueError, RuntimeError) as e: raise SystemExit(f"error: {e}") from None
     for name in BENCHMARKS if a.name == 'all' else (a.name,):
         with torch_threads(a.threads or (1 if dev.type == 'cpu' else None)):
             res = run_benchmark(name, quick=a.quick, device=a.device, reps=a.reps, max_reps=a.max_reps,

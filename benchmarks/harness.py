@@ -79,7 +79,7 @@ _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31,
 
 def ratio_stability(base_times:list[float], times:list[float]) -> float|None:
     "Relative 95% half-width of the speed-up base/time over paired repetitions (t interval of the log ratios)."
-    logs = [math.log(b / t) for b, t in zip(base_times, times)]
+    logs = [math.log(b / t) for b, t in zip(base_times, times, strict=True)]
     if len(logs) < 2: return None
     t = _T95[max(k for k in _T95 if k <= len(logs) - 1)]
     return math.exp(t * statistics.stdev(logs) / math.sqrt(len(logs))) - 1
