@@ -990,7 +990,8 @@ def test_every_collator_on_random_padded_batches(data):
         assert not (sel & ~cand).any() and torch.equal(lab[sel], orig[sel])
         assert (out['decoder_input_ids'][sel] == t.mask_token_id).all()
         assert torch.equal(out['decoder_input_ids'][~sel], orig[~sel])
-        assert (sel.any(1) | ~cand.any(1)).all(), 'a sequence with content got no noise'
+        # issue 14 (defect 5b): a row may draw no masked token at all; forcing one biased the 1/t estimator, so a
+        # row without noise is allowed and only contributes its maskable tokens to the denominator.
         assert ((out['t'] >= coll.t_min) & (out['t'] <= 1)).all()
 
 
