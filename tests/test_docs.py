@@ -15,7 +15,8 @@ NOTEBOOKS = ['index.ipynb', '03_losses.ipynb']
 
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
-    return build_docs(tmp_path_factory.mktemp('site')/'_docs', notebooks=NOTEBOOKS, n_workers=0, quiet=True)
+    # n_workers=1: nbdev's processors run the notebooks' export cells in a worker process, not in the test process
+    return build_docs(tmp_path_factory.mktemp('site')/'_docs', notebooks=NOTEBOOKS, n_workers=1, quiet=True)
 
 
 def _browser(*args, tmp):
