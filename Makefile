@@ -11,7 +11,8 @@ export TOKENIZERS_PARALLELISM := false
 # Real GLUE files for tests and the GLUE step of `make run`; override with your own GLUE-format folder.
 export CONCEPT_NB_GLUE_DIR ?= $(abspath ../shared/data/glue)
 
-.PHONY: install test test-nbs test-py sync-check run docs outputs bench clean-nbs export readme browser experiment-log
+.PHONY: install test test-nbs test-py sync-check run docs outputs bench clean-nbs export readme browser \
+  experiment-log
 
 $(STAMP): constraints.txt settings.ini setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
