@@ -11,7 +11,8 @@ export TOKENIZERS_PARALLELISM := false
 # Real GLUE files for tests and the GLUE step of `make run`; override with your own GLUE-format folder.
 export CONCEPT_NB_GLUE_DIR ?= $(abspath ../shared/data/glue)
 
-.PHONY: install test test-nbs test-py sync-check run docs bench clean-nbs export readme browser experiment-log
+.PHONY: install test test-nbs test-py sync-check run docs outputs bench clean-nbs export readme browser \
+  experiment-log
 
 $(STAMP): constraints.txt settings.ini setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +28,12 @@ install: $(STAMP)
 sync-check: install
 	bash .ci/sync_check.sh $(BIN)
 
+# Notebooks that commit outputs run in tests/test_outputs.py instead, which also compares their outputs.
+WITH_OUTPUTS = $(BIN)/python -c "import re; from concept_nb.docs import notebooks_with_outputs as f; \
+  print('^(' + '|'.join(re.escape(p.name) for p in f()) + ')$$')"
 test-nbs: install
-	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/nbdev_test --n_workers 2 --timing \
+	  --skip_file_re "$$($(WITH_OUTPUTS))"
 
 # Debian's Chromium for the docs browser test (skipped with a reason when it cannot be installed).
 browser:
@@ -47,8 +52,14 @@ run: install
 experiment-log: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs experiment-log
 
+# The searchable site in _docs/ from the committed outputs (concept_nb.docs.build_docs; config in nbs/mkdocs.yml).
 docs: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs docs
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from concept_nb.docs import build_docs; build_docs()"
+
+# Re-execute the notebooks that commit outputs (index and module notebooks), in place; commit the result.
+outputs: install
+	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c \
+	  "from concept_nb.docs import update_outputs; update_outputs()"
 
 # The benchmark scripts (benchmarks/README.md); BENCH=step etc. for one of them.
 BENCH ?= all

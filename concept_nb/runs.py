@@ -1135,14 +1135,10 @@ def _cmd_health(a, argv):
     return health_main([str(ck), *a.rest])
 
 def _cmd_docs(a, argv):
-    from concept_nb.docs import build_site, write_quarto_config
-    if a.quarto_config:
-        for f in write_quarto_config(): print(f"wrote {f}")
-        return 0
-    res = build_site(a.out, notebooks=a.notebooks or None, execute=not a.no_execute, n_workers=a.workers)
-    print(f"site: {Path(a.out)/'index.html'} ({len(res['pages'])} pages)")
-    for f in res['failed']: print(f"warning: {f}", file=sys.stderr)
-    return 1 if res['failed'] else 0
+    from concept_nb.docs import build_docs
+    try: build_docs(a.out, notebooks=a.notebooks or None, n_workers=a.workers, force=a.force)
+    except RuntimeError as e: print(f"warning: {e}", file=sys.stderr); return 1
+    return 0
 
 def main(argv:Sequence[str]|None=None # command-line arguments (default: sys.argv[1:])
         ) -> int:
@@ -1165,11 +1161,11 @@ def main(argv:Sequence[str]|None=None # command-line arguments (default: sys.arg
     p.add_argument('--out', default=None, help='markdown file (a .png figure is written beside it); default: print')
     p = sub.add_parser('health', help='health-check a checkpoint (concept_nb.analysis)')
     p.add_argument('checkpoint', help='model folder or runs/<run>'); p.add_argument('rest', nargs=argparse.REMAINDER)
-    p = sub.add_parser('docs', help='build the static HTML docs site from the notebooks')
-    p.add_argument('--out', default='_docs'); p.add_argument('--notebooks', nargs='*', default=None, help='only these notebooks')
-    p.add_argument('--no-execute', action='store_true', help="execute only what nbdev's docs execute (imports, exports, show_doc)")
-    p.add_argument('--workers', type=int, default=2, help='parallel notebook processes (default: 2)')
-    p.add_argument('--quarto-config', action='store_true', help='only (re)write nbs/nbdev.yml, _quarto.yml, sidebar.yml for nbdev_docs')
+    p = sub.add_parser('docs', help='build the searchable HTML docs site from the notebooks (concept_nb.docs.build_docs)')
+    p.add_argument('--out', default=None, help='site folder (default: _docs/ in the repository)')
+    p.add_argument('--notebooks', nargs='*', default=None, help='only these notebooks')
+    p.add_argument('--workers', type=int, default=2, help='processes running nbdev on the notebooks (default: 2)')
+    p.add_argument('--force', action='store_true', help='process every notebook again, ignoring the _proc/ cache')
     a = ap.parse_args(argv)
     cmds = {'pretrain': _cmd_pretrain, 'glue': _cmd_glue, 'main': _cmd_main, 'experiment-log': _cmd_log,
             'compare': _cmd_compare, 'health': _cmd_health, 'docs': _cmd_docs}
