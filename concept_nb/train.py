@@ -5,7 +5,7 @@
 # %% ../nbs/10_train.ipynb #22d353ef
 from __future__ import annotations
 import argparse, contextlib, datetime, itertools, json, math, os, random, sys, tempfile, time
-from dataclasses import dataclass, fields, asdict
+from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Iterator
 import numpy as np
@@ -16,7 +16,7 @@ from .losses import LOSS_REGISTRY, WEIGHTINGS, LossConfig, LossManager
 from .data import load_text, load_tokenizer, pack_documents
 from .collators import collator_for
 from .analysis import concept_metrics
-from .core import (ParamError, check_params, atomic_write_text, parse_value, repo_root, package_dir, reserve_run_dir,
+from .core import (ParamError, check_params, param, param_specs, atomic_write_text, parse_value, repo_root, package_dir, reserve_run_dir,
                              resolve_device)
 from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint, load_model_weights, load_checkpoint,
                                     init_encoder_from, format_init_report)
@@ -24,12 +24,14 @@ from .records import (WANDB_MODES, upgrade_record_keys, run_name_for, make_recor
                                 write_run_params, record_failure, init_wandb)
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'SCHEDULES', 'MIXED_PRECISIONS', 'DEVICES', 'MASKINGS', 'PRETRAIN_DEFAULTS', 'PRETRAIN_TYPES',
-           'PRETRAIN_RULES', 'presets_dir', 'list_presets', 'load_preset', 'resolve_params', 'derive_seed',
-           'real_tokens', 'BatchStream', 'tokenize_corpus', 'collator_kwargs', 'pretrain_model_config',
-           'build_pretraining', 'param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig',
-           'resolve_mixed_precision', 'make_accelerator', 'NonFiniteLossError', 'PretrainingModule', 'History',
-           'evaluate', 'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining', 'main']
+__all__ = ['OBJECTIVES', 'SCHEDULES', 'MIXED_PRECISIONS', 'DEVICES', 'MASKINGS', 'PRETRAIN_SPECS', 'PRETRAIN_DEFAULTS',
+           'PRETRAIN_TYPES', 'PRETRAIN_RULES', 'presets_dir', 'list_presets', 'load_preset', 'PretrainParams',
+           'resolve_params', 'derive_seed', 'real_tokens', 'BatchStream', 'tokenize_corpus', 'collator_kwargs',
+           'pretrain_model_config', 'build_pretraining', 'param_groups', 'make_optimizer', 'make_scheduler',
+           'TrainConfig', 'resolve_mixed_precision', 'make_accelerator', 'NonFiniteLossError', 'PretrainingModule',
+           'History', 'evaluate', 'LoopState', 'Loop', 'setup_loop', 'restore', 'start_records', 'accumulate',
+           'check_finite', 'optimizer_step', 'add_to_window', 'log_window', 'save_state', 'eval_now', 'run_steps',
+           'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining', 'main']
 
 # %% ../nbs/10_train.ipynb #edf33213
 OBJECTIVES = {'mlm': ('perceiver_mlm', 'weighted_mlm', 'perceiver_posonly_mlm', 'recursive_mlm'),
@@ -41,21 +43,6 @@ SCHEDULES = ('linear', 'cosine', 'constant')
 MIXED_PRECISIONS = ('auto', 'no', 'bf16', 'fp16')
 DEVICES = ('auto', 'cpu', 'cuda')
 MASKINGS = ('token', 'whole_word', 'span')
-
-# %% ../nbs/10_train.ipynb #a661d24a
-PRETRAIN_DEFAULTS = dict(
-    run_name='', run_dir='', preset='', data='embedded', tokenizer='embedded',
-    model_type='perceiver_mlm', objective='mlm',
-    hidden_size=32, concept_num=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-    token_embedding_dim=0, use_bixt=False, num_iterations=0, concept_position_type='none',
-    block_size=64, pack=True, mlm_probability=0.15, masking='token', deletion_rate=0.6, t_min=0.3, elbo_weighting='mdlm',
-    concept_losses='combined', loss_weighting='fixed', loss_weight=0.1,
-    lr=2e-3, weight_decay=0.01, warmup_steps=2, schedule='cosine', max_grad_norm=1.0,
-    batch_size=8, eval_batch_size=0, grad_accum=1, steps=20, epochs=0.0,
-    eval_every=10, eval_batches=2, save_every=10, keep_checkpoints=2, log_every=5,
-    mixed_precision='auto', compile=False, device='auto', cpu_threads=1, num_workers=0, seed=42, resume_from='',
-    init_from='', wandb_mode='offline', max_docs=200, eval_max_docs=0, progress=False)
-PRETRAIN_TYPES = {k: type(v) for k, v in PRETRAIN_DEFAULTS.items()}
 
 # %% ../nbs/10_train.ipynb #095ff961
 def presets_dir() -> Path:
@@ -121,20 +108,81 @@ def _path_rule(what:str):
         return None
     return rule
 
-PRETRAIN_RULES = dict(
-    data=_path_rule('text source'), tokenizer=_path_rule('tokenizer folder'),
-    preset=lambda v: None if v == '' or _preset_path(v) else f"unknown preset {v!r} (available: {', '.join(list_presets())})",
-    model_type=tuple(MODEL_REGISTRY), objective=tuple(OBJECTIVES), schedule=SCHEDULES, wandb_mode=WANDB_MODES,
-    mixed_precision=MIXED_PRECISIONS, device=DEVICES, masking=MASKINGS, concept_position_type=POSITION_TYPES,
-    elbo_weighting=ELBO_WEIGHTINGS, loss_weighting=WEIGHTINGS, concept_losses=_losses_rule, resume_from=_resume_rule,
-    init_from=_init_rule,
-    hidden_size=('>=', 1), concept_num=('>=', 1), num_hidden_layers=('>=', 1), num_attention_heads=('>=', 0),
-    intermediate_size=('>=', 0), token_embedding_dim=('>=', 0), num_iterations=('>=', 0), block_size=('>=', 2),
-    mlm_probability=_open_unit(False, True), deletion_rate=_open_unit(True, False), t_min=_open_unit(False, True),
-    loss_weight=('>=', 0), lr=('>', 0), weight_decay=('>=', 0), warmup_steps=('>=', 0), max_grad_norm=('>=', 0),
-    batch_size=('>=', 1), eval_batch_size=('>=', 0), grad_accum=('>=', 1), steps=('>=', 1), epochs=('>=', 0),
-    eval_every=('>=', 0), eval_batches=('>=', 1), save_every=('>=', 0), keep_checkpoints=('>=', 0), log_every=('>=', 1),
-    num_workers=('>=', 0), cpu_threads=('>=', 0), seed=('>=', 0), max_docs=('>=', 0), eval_max_docs=('>=', 0))
+def _preset_rule(v):
+    if v == '' or _preset_path(v): return None
+    return f"unknown preset {v!r} (available: {', '.join(list_presets())})"
+
+# %% ../nbs/10_train.ipynb #pp000001
+@dataclass
+class PretrainParams:
+    "Every parameter of a pretraining run: type, default, rule and help, declared once."
+    run_name:str=param('') # '': {model_type}_H{H}L{L}C{C}[_T..][_pos..]_{YYYYMMDD_HHMMSS}
+    run_dir:str=param('') # run folder for records, checkpoints and the model ('': a fresh temporary folder)
+    preset:str=param('', _preset_rule) # configs/<preset>.yaml: fills every parameter left at its default here
+    data:str=param('embedded', _path_rule('text source')) # 'embedded', a local file/folder, or a hub dataset id (e.g.
+        # JeanKaddour/minipile)
+    tokenizer:str=param('embedded', _path_rule('tokenizer folder')) # 'embedded[-wordpiece|-bpe][-VOCAB]', a tokenizer
+        # folder, or a hub name
+    model_type:str=param('perceiver_mlm', tuple(MODEL_REGISTRY)) # weighted_mlm | perceiver_mlm |
+        # perceiver_posonly_mlm | recursive_mlm | tsdae_posonly | masked_reconstruction_posonly | diffusion_mlm
+    objective:str=param('mlm', tuple(OBJECTIVES)) # mlm | tsdae | masked_reconstruction | diffusion | prefix_diffusion
+        # (must fit model_type)
+    hidden_size:int=param(32, ('>=', 1)) # H, concept width
+    concept_num:int=param(8, ('>=', 1)) # C, number of concepts (must be < block_size)
+    num_hidden_layers:int=param(2, ('>=', 1)) # L, encoder layers (recursive: distinct layers before tying)
+    num_attention_heads:int=param(2, ('>=', 0)) # attention heads (0: min(8, H // 64), at least 1)
+    intermediate_size:int=param(64, ('>=', 0)) # gated FFN width (0: 4 H)
+    token_embedding_dim:int=param(0, ('>=', 0)) # token embedding width (0: H; smaller adds a projection)
+    use_bixt:bool=param(False) # BiXT bidirectional cross-attention encoder layers
+    num_iterations:int=param(0, ('>=', 0)) # recursive encoder: weight-tied layer applications (0: not recursive;
+        # recursive_mlm uses L)
+    concept_position_type:str=param('none', POSITION_TYPES) # none | sinusoidal | learned concept positions
+    block_size:int=param(64, ('>=', 2)) # N, tokens per sequence
+    pack:bool=param(True) # pack documents into full blocks (False: one truncated document per sequence, as upstream)
+    mlm_probability:float=param(0.15, _open_unit(False, True)) # mlm: fraction of real tokens predicted
+    masking:str=param('token', MASKINGS) # mlm: token | whole_word | span
+    deletion_rate:float=param(0.6, _open_unit(True, False)) # tsdae: share of words deleted (closed up);
+        # masked_reconstruction: of tokens hidden
+    t_min:float=param(0.3, _open_unit(False, True)) # diffusion: smallest noise level
+    elbo_weighting:str=param('mdlm', ELBO_WEIGHTINGS) # diffusion loss weighting: none | self_normalized | mdlm
+    concept_losses:str=param('combined', _losses_rule) # space-separated concept losses, or 'none'
+    loss_weighting:str=param('fixed', WEIGHTINGS) # fixed | learnable | kendall_gal | anchored_uncertainty
+    loss_weight:float=param(0.1, ('>=', 0)) # fixed: total concept-loss weight, split evenly over the losses
+    lr:float=param(2e-3, ('>', 0)) # peak learning rate
+    weight_decay:float=param(0.01, ('>=', 0)) # AdamW weight decay of matrices
+    warmup_steps:int=param(2, ('>=', 0)) # linear warmup steps
+    schedule:str=param('cosine', SCHEDULES) # linear | cosine | constant after warmup
+    max_grad_norm:float=param(1.0, ('>=', 0)) # gradient clipping (0: off)
+    batch_size:int=param(8, ('>=', 1)) # sequences per micro-batch and process
+    eval_batch_size:int=param(0, ('>=', 0)) # held-out sequences per micro-batch (0: batch_size)
+    grad_accum:int=param(1, ('>=', 1)) # micro-batches per optimiser step
+    steps:int=param(20, ('>=', 1)) # optimiser steps
+    epochs:float=param(0.0, ('>=', 0)) # > 0: passes over the training blocks instead of steps
+    eval_every:int=param(10, ('>=', 0)) # steps between evaluations (held-out loss + concept geometry; also at start
+        # and end)
+    eval_batches:int=param(2, ('>=', 1)) # held-out micro-batches per evaluation
+    save_every:int=param(10, ('>=', 0)) # steps between checkpoints (0: only at the end)
+    keep_checkpoints:int=param(2, ('>=', 0)) # newest checkpoints kept (0: all)
+    log_every:int=param(5, ('>=', 1)) # steps between log lines
+    mixed_precision:str=param('auto', MIXED_PRECISIONS) # auto (bf16 on capable GPUs) | no | bf16 | fp16
+    compile:bool=param(False) # torch.compile with dynamic shapes
+    device:str=param('auto', DEVICES) # auto | cpu | cuda
+    cpu_threads:int=param(1, ('>=', 0)) # torch CPU threads on CPU runs (0: torch default; 1 is fastest for tiny
+        # models)
+    num_workers:int=param(0, ('>=', 0)) # DataLoader workers building batches
+    seed:int=param(42, ('>=', 0)) # seed of weights, data order, masking and dropout
+    resume_from:str=param('', _resume_rule) # '' | 'latest' (newest checkpoint in run_dir) | a checkpoint folder
+    init_from:str=param('', _init_rule) # checkpoint or run folder whose encoder weights initialise the model
+    wandb_mode:str=param('offline', WANDB_MODES) # disabled | offline | online (env WANDB_MODE disabled wins)
+    max_docs:int=param(200, ('>=', 0)) # training documents used (0: all)
+    eval_max_docs:int=param(0, ('>=', 0)) # held-out documents used (0: all)
+    progress:bool=param(False) # tqdm progress bar instead of log lines (keep False under papermill)
+
+# %% ../nbs/10_train.ipynb #pp000002
+PRETRAIN_SPECS = param_specs(PretrainParams)
+PRETRAIN_DEFAULTS = {k: d['default'] for k, d in PRETRAIN_SPECS.items()}
+PRETRAIN_TYPES = {k: d['type'] for k, d in PRETRAIN_SPECS.items()}
+PRETRAIN_RULES = {k: d['rule'] for k, d in PRETRAIN_SPECS.items() if d['rule'] is not None}
 
 # %% ../nbs/10_train.ipynb #c97681ba
 def resolve_params(params:dict, # validated run parameters (missing names take `PRETRAIN_DEFAULTS`)
@@ -368,45 +416,30 @@ def make_scheduler(optimizer, schedule:str, warmup_steps:int, total_steps:int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, **kw)
 
 # %% ../nbs/10_train.ipynb #dca7195d
+_D = PRETRAIN_DEFAULTS       # the one default of every setting shared with the run parameters
+
 @dataclass
 class TrainConfig:
-    "Optimisation, logging, evaluation, checkpoint and tracking settings of `train`."
-    steps:int=100 # optimiser steps (each `grad_accum` micro-batches per process)
-    epochs:float=0.0 # > 0: train this many passes over the training rows instead of `steps`
-    lr:float=1e-3 # peak learning rate
-    weight_decay:float=0.01 # AdamW decay of matrices (see `param_groups`)
+    "Optimisation, logging, evaluation, checkpoint and tracking settings of `train` (help: `PretrainParams`)."
+    steps:int=_D['steps']; epochs:float=_D['epochs']; lr:float=_D['lr']; weight_decay:float=_D['weight_decay']
+    warmup_steps:int=_D['warmup_steps']; schedule:str=_D['schedule']; max_grad_norm:float=_D['max_grad_norm']
+    grad_accum:int=_D['grad_accum']; log_every:int=_D['log_every']; eval_every:int=_D['eval_every']
+    eval_batches:int=_D['eval_batches']; save_every:int=_D['save_every']; keep_checkpoints:int=_D['keep_checkpoints']
+    mixed_precision:str=_D['mixed_precision']; compile:bool=_D['compile']; device:str=_D['device']
+    cpu_threads:int=_D['cpu_threads']; seed:int=_D['seed']; resume_from:str=_D['resume_from']
+    run_name:str=_D['run_name']; wandb_mode:str=_D['wandb_mode']; progress:bool=_D['progress']
     betas:tuple=(0.9, 0.999) # AdamW betas
-    warmup_steps:int=0 # linear warmup steps
-    schedule:str='cosine' # linear | cosine | constant (after warmup)
-    max_grad_norm:float=1.0 # gradient clipping (0: no clipping, the norm is still logged)
-    grad_accum:int=1 # micro-batches per optimiser step
-    log_every:int=10 # steps between train log records
-    eval_every:int=0 # steps between evaluations (0: only at the start and end)
-    eval_batches:int=4 # held-out micro-batches per evaluation and process
-    save_every:int=0 # steps between checkpoints (0: only the final one); needs a run_dir
-    keep_checkpoints:int=2 # newest checkpoints kept (0: all)
-    mixed_precision:str='auto' # auto | no | bf16 | fp16
-    compile:bool=False # torch.compile(dynamic=True) the model
-    device:str='auto' # auto | cpu | cuda
-    cpu_threads:int=0 # torch.set_num_threads on CPU (0: torch's default); 1 avoids oversubscription on busy machines
-    seed:int=42 # seeds the per-process RNG (dropout); data order is seeded by the BatchStream
-    resume_from:str='' # '' | 'latest' | a checkpoint folder
     stop_after:int=0 # stop after this step as if interrupted (final checkpoint, no final eval); 0: run to the end
-    run_name:str='' # for wandb and the log
-    wandb_mode:str='disabled' # disabled | offline | online (env WANDB_MODE=disabled wins)
     wandb_project:str='concept_nb' # wandb project
     wandb_tags:tuple=() # extra wandb tags
     decay_embeddings:bool=True # decay embedding tables too
-    progress:bool=False # tqdm bar instead of log lines
 
     def __post_init__(self):
-        for k, rule in dict(steps=('>=', 1), lr=('>', 0), grad_accum=('>=', 1), log_every=('>=', 1), eval_batches=('>=', 1),
-                            epochs=('>=', 0), weight_decay=('>=', 0), warmup_steps=('>=', 0), max_grad_norm=('>=', 0),
-                            eval_every=('>=', 0), save_every=('>=', 0), keep_checkpoints=('>=', 0), stop_after=('>=', 0)).items():
-            v = getattr(self, k)
-            if not (v > rule[1] if rule[0] == '>' else v >= rule[1]): raise ValueError(f"TrainConfig.{k} must be {rule[0]} {rule[1]}, got {v!r}")
-        for k, ch in dict(schedule=SCHEDULES, mixed_precision=MIXED_PRECISIONS, device=DEVICES, wandb_mode=WANDB_MODES).items():
-            if getattr(self, k) not in ch: raise ValueError(f"TrainConfig.{k}={getattr(self, k)!r}: choose one of {ch}")
+        if self.stop_after < 0: raise ValueError(f"TrainConfig.stop_after must be >= 0, got {self.stop_after!r}")
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name in PRETRAIN_TYPES}
+        rules = {k: r for k, r in PRETRAIN_RULES.items() if k in shared and not callable(r)}   # paths: checked later
+        try: check_params(shared, {k: PRETRAIN_TYPES[k] for k in shared}, rules)
+        except ParamError as e: raise ValueError(f"TrainConfig: {e}") from None
 
     @classmethod
     def from_params(cls, params:dict) -> TrainConfig:
@@ -566,7 +599,220 @@ def _resume_history(run_dir, step:int) -> list[dict]:
     atomic_write_text(f, ''.join(json.dumps(r, default=float) + '\n' for r in keep))
     return keep
 
-# %% ../nbs/10_train.ipynb #7597683b
+# %% ../nbs/10_train.ipynb #loop0001
+@dataclass
+class LoopState:
+    "Where the loop is: what a checkpoint stores so a resumed run continues bit for bit."
+    step:int=0 # optimiser steps done
+    micro_batches:int=0 # micro-batches consumed per process (the data position)
+    tokens_total:int=0 # real tokens trained on, all processes
+    train_s:float=0. # seconds spent in training steps (not evaluation or saving)
+    window:dict=field(default_factory=dict) # running sums of the open log window
+    last_checkpoint:str|None=None # newest checkpoint written or resumed from
+
+@dataclass
+class Loop:
+    "One training run: settings, accelerator, wrapped model, optimiser, schedule, data, records and position."
+    cfg:TrainConfig; acc:object; module:nn.Module; opt:object; sched:object; loss_manager:nn.Module
+    train_data:BatchStream; eval_data:BatchStream|None; run_dir:Path|None; tokenizer:object; steps:int
+    state:LoopState=field(default_factory=LoopState)
+    rec:object=None; bar:object=None; batches:object=None; t_start:float=0.
+    @property
+    def model(self) -> nn.Module: return self.acc.unwrap_model(self.module).model
+    @property
+    def rank(self) -> int: return self.acc.process_index
+    @property
+    def world(self) -> int: return self.acc.num_processes
+    @property
+    def is_main(self) -> bool: return self.acc.is_main_process
+    def epoch(self) -> float: return self.train_data.epoch(self.state.micro_batches, self.world)
+
+# %% ../nbs/10_train.ipynb #loop0003
+def setup_loop(model:nn.Module, train_data:BatchStream, eval_data:BatchStream|None, loss_manager:nn.Module,
+               cfg:TrainConfig, run_dir:Path|None, tokenizer=None, log=print) -> tuple[Loop, Path|None]:
+    "A `Loop` around `model`, and the checkpoint it resumes from (its weights already loaded)."
+    if run_dir: run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.cpu_threads and resolve_device(cfg.device).type == 'cpu': torch.set_num_threads(cfg.cpu_threads)
+    acc = make_accelerator(cfg.mixed_precision, cfg.device)
+    steps = cfg.total_steps(len(train_data), train_data.batch_size, acc.num_processes)
+    ckpt = resume_point(cfg.resume_from, run_dir)
+    if cfg.resume_from == 'latest' and ckpt is None and acc.is_main_process:
+        log("resume_from='latest': no checkpoint yet, starting fresh")
+    if ckpt is not None: load_model_weights(model, ckpt)
+    if cfg.compile: model.compile(dynamic=True)
+    module = PretrainingModule(model, loss_manager)
+    module.to(acc.device)
+    opt = make_optimizer(param_groups(model, loss_manager, cfg.weight_decay, cfg.decay_embeddings), cfg.lr, cfg.betas,
+                         fused=acc.device.type == 'cuda')
+    sched = make_scheduler(opt, cfg.schedule, cfg.warmup_steps, steps)
+    module, opt = acc.prepare(module, opt)
+    return Loop(cfg, acc, module, opt, sched, loss_manager, train_data, eval_data, run_dir, tokenizer, steps), ckpt
+
+# %% ../nbs/10_train.ipynb #loop0004
+def restore(loop:Loop, ckpt:Path|None, log=print) -> LoopState:
+    "The loop position from `ckpt` (optimiser, schedule, loss weights and RNG restored too), or a freshly seeded start."
+    cfg, rank, world = loop.cfg, loop.rank, loop.world
+    if ckpt is None:
+        torch.manual_seed(derive_seed(cfg.seed, 3, rank)); random.seed(cfg.seed + rank); np.random.seed(cfg.seed + rank)
+        return LoopState()
+    s = load_checkpoint(ckpt, None, loop.opt, loop.sched, loop.loss_manager, loop.acc)
+    if s.get('steps') != loop.steps and loop.is_main:
+        log(f"warning: the checkpoint was written by a {s.get('steps')}-step run, this run has {loop.steps} steps: "
+            "the learning-rate schedule changes")
+    g = s['micro_batches'] if s.get('world_size', 1) == world else \
+        s['rows_consumed'] // (world * loop.train_data.batch_size)        # another world size: same rows consumed
+    rf = ckpt / f'rng_state_{rank}.pt'
+    if rf.exists(): set_rng_state(torch.load(rf, weights_only=True))
+    elif loop.is_main: log(f"warning: {rf.name} missing (world size changed?): resume is not bit-exact")
+    return LoopState(step=s['step'], micro_batches=g, tokens_total=s.get('tokens_total', 0), train_s=s.get('train_s', 0.),
+                     window=s.get('window', {}), last_checkpoint=str(ckpt))
+
+# %% ../nbs/10_train.ipynb #loop0006
+def start_records(loop:Loop, ckpt:Path|None, params:dict|None=None, log=print) -> History:
+    "The run's `History`, recorder and progress bar (a fresh run in a used folder moves the old history aside)."
+    run_dir, st, cfg, main = loop.run_dir, loop.state, loop.cfg, loop.is_main
+    history = History(_resume_history(run_dir, st.step) if ckpt is not None and main else [])
+    history.run_dir = str(run_dir) if run_dir else None
+    if ckpt is None and run_dir and (run_dir / 'history.jsonl').exists() and main:
+        os.replace(run_dir / 'history.jsonl', run_dir / 'history.jsonl.prev')
+    wb = init_wandb(cfg.wandb_mode, run_dir, cfg.run_name, {**(params or {}), **asdict(cfg)},
+                    tags=[*_tags(params), *cfg.wandb_tags], project=cfg.wandb_project) if main else None
+    loop.rec = rec = _Recorder(history, run_dir, main, None if cfg.progress else log, wb)
+    if ckpt is not None: rec.line(f"resumed from {ckpt} at step {st.step} (micro-batch {st.micro_batches})")
+    nparams = sum(q.numel() for q in loop.model.parameters())
+    rec.line(f"training {type(loop.model).__name__} ({nparams / 1e6:.2f}M parameters) for {loop.steps} steps on "
+             f"{loop.world} x {loop.acc.device.type} ({loop.acc.mixed_precision}), batch {loop.train_data.batch_size} x "
+             f"{cfg.grad_accum} accum x {loop.world} processes, lr {cfg.lr:g} {cfg.schedule} warmup {cfg.warmup_steps}")
+    from tqdm.auto import tqdm
+    loop.bar = tqdm(total=loop.steps, initial=st.step, disable=not (cfg.progress and main), desc='train',
+                    dynamic_ncols=True)
+    return history
+
+# %% ../nbs/10_train.ipynb #loop0008
+def accumulate(loop:Loop) -> dict:
+    "Forward/backward over `grad_accum` micro-batches; the losses, breakdown (averaged), gradient norm and real tokens."
+    cfg, acc, module = loop.cfg, loop.acc, loop.module
+    loss_sum = task_sum = 0.
+    nelbo_sum, br_sum, ntok = None, {}, 0
+    for m in range(cfg.grad_accum):
+        batch = next(loop.batches); loop.state.micro_batches += 1
+        ntok += loop.train_data.real_tokens(batch)
+        sync = contextlib.nullcontext() if m == cfg.grad_accum - 1 else acc.no_sync(module)   # sync on the last only
+        with sync:
+            total, task, nelbo, br = module(_to(batch, acc.device))
+            acc.backward(total / cfg.grad_accum)
+        loss_sum += total.detach().float(); task_sum += task.float()
+        if nelbo is not None: nelbo_sum = (nelbo_sum or 0.) + nelbo.float()
+        for k, v in br.items(): br_sum[k] = br_sum.get(k, 0.) + v / cfg.grad_accum
+    gn = acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm or float('inf'))
+    bk, zero = list(br_sum), torch.zeros_like(loss_sum)
+    vals = torch.cat([torch.stack([loss_sum, task_sum, nelbo_sum if nelbo_sum is not None else zero]) / cfg.grad_accum,
+                      torch.tensor([br_sum[k] for k in bk], device=loss_sum.device)])   # (3 + breakdown,)
+    if loop.world > 1: vals = acc.reduce(vals, 'mean')       # every process logs (and checks) the same numbers
+    loss, task_loss, nelbo_v, *brv = vals.tolist()
+    r = dict(loss=loss, task_loss=task_loss, grad_norm=float(gn), tokens=ntok, **{'br/' + k: v for k, v in zip(bk, brv)})
+    if nelbo_sum is not None: r['recon_nelbo'] = nelbo_v
+    return r
+
+# %% ../nbs/10_train.ipynb #loop0009
+def check_finite(loop:Loop, r:dict):
+    "Raise `NonFiniteLossError` (recorded) when the step's loss or gradient norm is NaN/inf."
+    loss, gn, step = r['loss'], r['grad_norm'], loop.state.step
+    # fp16: the grad scaler skips steps with inf gradients by design; a non-finite loss is fatal everywhere
+    if math.isfinite(loss) and (math.isfinite(gn) or loop.acc.scaler is not None): return
+    last = loop.state.last_checkpoint
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gn} (loss {loss:.4f})"
+    msg = (f"non-finite {what} at step {step + 1}: the run is stopped before the update, so the weights are "
+           f"those of step {step}. Last good checkpoint: {last or 'none (no checkpoint written yet)'}. "
+           f"Lower lr (now {loop.cfg.lr:g}), raise warmup_steps, or check the data, then resume with "
+           f"resume_from='latest' or a checkpoint path.")
+    loop.rec.record(dict(step=step + 1, kind='error', error=msg)); loop.rec.line(msg)
+    raise NonFiniteLossError(msg, step + 1, last)
+
+def optimizer_step(loop:Loop):
+    "Apply the accumulated gradients and advance the schedule."
+    loop.opt.step(); loop.sched.step(); loop.opt.zero_grad(set_to_none=True)
+    loop.state.step += 1; loop.bar.update(1)
+
+# %% ../nbs/10_train.ipynb #loop0011
+def add_to_window(window:dict, r:dict, seconds:float):
+    "Add one step's numbers (`accumulate`'s dict) and its duration to the running sums of the log window."
+    window['n'] = window.get('n', 0) + 1
+    for k in ('loss', 'task_loss', 'grad_norm', 'recon_nelbo', *[k for k in r if k.startswith('br/')]):
+        if k in r: window[k] = window.get(k, 0.) + r[k]
+    window['time'] = window.get('time', 0.) + seconds; window['tokens'] = window.get('tokens', 0) + r['tokens']
+
+def log_window(loop:Loop):
+    "Record the means of the log window (throughput summed over processes) and open a new window."
+    st, acc, w = loop.state, loop.acc, loop.state.window
+    n = w['n']
+    extra = torch.tensor([w['tokens'], w['time']], dtype=torch.float64)
+    if loop.world > 1: extra = acc.reduce(extra.to(acc.device), 'sum').cpu()
+    tok_all, t_all = extra[0].item(), extra[1].item() / loop.world
+    st.tokens_total += int(tok_all); st.train_s += t_all
+    r = dict(step=st.step, kind='train', epoch=loop.epoch(), loss=w['loss'] / n, task_loss=w['task_loss'] / n)
+    if 'recon_nelbo' in w: r['recon_nelbo'] = w['recon_nelbo'] / n
+    r.update(lr=loop.sched.get_last_lr()[0], grad_norm=w['grad_norm'] / n, tokens_per_s=tok_all / max(t_all, 1e-9),
+             steps_per_s=n / max(t_all, 1e-9), tokens=st.tokens_total, train_s=round(st.train_s, 3),
+             elapsed_s=round(time.time() - loop.t_start, 3))
+    r.update({k[3:]: v / n for k, v in w.items() if k.startswith('br/')})
+    loop.rec.record(r); loop.rec.line(_fmt_log(r, loop.steps), echo=not loop.cfg.progress)
+    st.window = {}
+
+# %% ../nbs/10_train.ipynb #loop0012
+def save_state(loop:Loop, step:int):
+    "Write the resumable checkpoint of `step` (nothing without a run folder)."
+    if not loop.run_dir: return
+    st, g, world = loop.state, loop.state.micro_batches, loop.world
+    state = dict(step=step, micro_batches=g, rows_consumed=g * world * loop.train_data.batch_size, world_size=world,
+                 epoch=loop.epoch(), seed=loop.cfg.seed, steps=loop.steps, window=st.window,
+                 tokens_total=st.tokens_total, train_s=st.train_s, run_name=loop.cfg.run_name)
+    p = save_checkpoint(loop.run_dir / CHECKPOINT_DIR / f'step-{step}', loop.model, loop.opt, loop.sched,
+                        loop.loss_manager, loop.tokenizer, state, loop.acc, loop.cfg.keep_checkpoints)
+    st.last_checkpoint = str(p)
+    loop.rec.record(dict(step=step, kind='checkpoint', path=str(p), elapsed_s=round(time.time() - loop.t_start, 3)))
+
+def eval_now(loop:Loop, step:int):
+    "Evaluate on the held-out batches and record it (nothing without held-out data)."
+    if loop.eval_data is None: return
+    r = evaluate(loop.model, loop.eval_data, loop.cfg.eval_batches, loop.loss_manager, loop.acc)
+    r = dict(step=step, kind='eval', epoch=loop.epoch(), **r)
+    loop.rec.record(r); loop.rec.line(_fmt_eval(r), echo=not loop.cfg.progress)
+    if loop.cfg.progress and loop.is_main: loop.bar.write(_fmt_eval(r))
+
+# %% ../nbs/10_train.ipynb #loop0013
+def run_steps(loop:Loop):
+    "Optimiser steps up to `steps` (or `stop_after`), logging, evaluating and checkpointing on their schedules."
+    cfg, st = loop.cfg, loop.state
+    if st.step == 0: eval_now(loop, 0)
+    loop.module.train()
+    stop = min(loop.steps, cfg.stop_after) if cfg.stop_after else loop.steps
+    while st.step < stop:
+        t0 = time.perf_counter()
+        r = accumulate(loop)
+        check_finite(loop, r)
+        optimizer_step(loop)
+        add_to_window(st.window, r, time.perf_counter() - t0)
+        if cfg.progress and loop.is_main: loop.bar.set_postfix(loss=f"{r['loss']:.4f}", refresh=False)
+        if st.step % cfg.log_every == 0 or st.step == stop: log_window(loop)
+        if (cfg.eval_every and st.step % cfg.eval_every == 0) or st.step == loop.steps: eval_now(loop, st.step)
+        if (cfg.save_every and st.step % cfg.save_every == 0) or st.step == stop: save_state(loop, st.step)
+
+@contextlib.contextmanager
+def _closing(loop:Loop):
+    "Close the progress bar, the batch iterator and wandb (marked failed on an exception)."
+    wb = loop.rec.wb
+    try: yield
+    except BaseException:
+        if wb is not None: wb.finish(exit_code=1)
+        wb = None
+        raise
+    finally:
+        loop.bar.close()
+        if hasattr(loop.batches, 'close'): loop.batches.close()
+        if wb is not None: wb.finish()
+
+# %% ../nbs/10_train.ipynb #loop0014
 def train(model:nn.Module, # a pretraining model (its forward takes the collator's batch dict)
           train_data:BatchStream, # training micro-batches
           eval_data:BatchStream|None=None, # held-out micro-batches (None: no evaluation)
@@ -578,145 +824,18 @@ def train(model:nn.Module, # a pretraining model (its forward takes the collator
           log=print, # where log lines go (main process)
          ) -> History:
     "Pretrain `model`; returns the history of log and eval records."
-    cfg = config or TrainConfig()
-    loss_manager = loss_manager if loss_manager is not None else LossManager()
-    run_dir = Path(run_dir) if run_dir else None
-    if run_dir: run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.cpu_threads and resolve_device(cfg.device).type == 'cpu': torch.set_num_threads(cfg.cpu_threads)
-    acc = make_accelerator(cfg.mixed_precision, cfg.device)
-    rank, world, is_main = acc.process_index, acc.num_processes, acc.is_main_process
-    steps = cfg.total_steps(len(train_data), train_data.batch_size, world)
-    ckpt = resume_point(cfg.resume_from, run_dir)
-    if cfg.resume_from == 'latest' and ckpt is None and is_main: log("resume_from='latest': no checkpoint yet, starting fresh")
-    if ckpt is not None: load_model_weights(model, ckpt)
-    if cfg.compile: model.compile(dynamic=True)
-    module = PretrainingModule(model, loss_manager)
-    module.to(acc.device)
-    opt = make_optimizer(param_groups(model, loss_manager, cfg.weight_decay, cfg.decay_embeddings), cfg.lr, cfg.betas,
-                         fused=acc.device.type == 'cuda')
-    sched = make_scheduler(opt, cfg.schedule, cfg.warmup_steps, steps)
-    module, opt = acc.prepare(module, opt)
-    step, g, window, tokens_total, train_s, state = 0, 0, {}, 0, 0., {}
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, None, opt, sched, loss_manager, acc)
-        if state.get('steps') != steps and is_main:
-            log(f"warning: the checkpoint was written by a {state.get('steps')}-step run, this run has {steps} steps: "
-                "the learning-rate schedule changes")
-        step, window = state['step'], state.get('window', {})
-        tokens_total, train_s = state.get('tokens_total', 0), state.get('train_s', 0.)
-        g = state['micro_batches'] if state.get('world_size', 1) == world else \
-            state['rows_consumed'] // (world * train_data.batch_size)
-        rf = ckpt / f'rng_state_{rank}.pt'
-        if rf.exists(): set_rng_state(torch.load(rf, weights_only=True))
-        elif is_main: log(f"warning: {rf.name} missing (world size changed?): resume is not bit-exact")
-    else:
-        torch.manual_seed(derive_seed(cfg.seed, 3, rank)); random.seed(cfg.seed + rank); np.random.seed(cfg.seed + rank)
-    history = History(_resume_history(run_dir, step) if ckpt is not None and is_main else [])
-    history.run_dir = str(run_dir) if run_dir else None
-    last_ckpt = str(ckpt) if ckpt is not None else None
-    if ckpt is None and run_dir and (run_dir / 'history.jsonl').exists() and is_main:   # a fresh run in a used folder
-        os.replace(run_dir / 'history.jsonl', run_dir / 'history.jsonl.prev')
-    wb = init_wandb(cfg.wandb_mode, run_dir, cfg.run_name, {**(params or {}), **asdict(cfg)},
-                    tags=[*_tags(params), *cfg.wandb_tags], project=cfg.wandb_project) if is_main else None
-    rec = _Recorder(history, run_dir, is_main, None if cfg.progress else log, wb)
-    if ckpt is not None: rec.line(f"resumed from {ckpt} at step {step} (micro-batch {g})")
-    nparams = sum(q.numel() for q in model.parameters())
-    rec.line(f"training {type(model).__name__} ({nparams / 1e6:.2f}M parameters) for {steps} steps on {world} x "
-             f"{acc.device.type} ({acc.mixed_precision}), batch {train_data.batch_size} x {cfg.grad_accum} accum x {world} "
-             f"processes, lr {cfg.lr:g} {cfg.schedule} warmup {cfg.warmup_steps}")
-    from tqdm.auto import tqdm
-    bar = tqdm(total=steps, initial=step, disable=not (cfg.progress and is_main), desc='train', dynamic_ncols=True)
-
-    def save(s:int):
-        nonlocal last_ckpt
-        if not run_dir: return
-        st = dict(step=s, micro_batches=g, rows_consumed=g * world * train_data.batch_size, world_size=world,
-                  epoch=train_data.epoch(g, world), seed=cfg.seed, steps=steps, window=window, tokens_total=tokens_total,
-                  train_s=train_s,
-                  run_name=cfg.run_name)
-        p = save_checkpoint(run_dir / CHECKPOINT_DIR / f'step-{s}', acc.unwrap_model(module).model, opt, sched,
-                            loss_manager, tokenizer, st, acc, cfg.keep_checkpoints)
-        last_ckpt = str(p)
-        rec.record(dict(step=s, kind='checkpoint', path=str(p), elapsed_s=round(time.time() - t_start, 3)))
-
-    def do_eval(s:int):
-        if eval_data is None: return
-        r = evaluate(acc.unwrap_model(module).model, eval_data, cfg.eval_batches, loss_manager, acc)
-        r = dict(step=s, kind='eval', epoch=train_data.epoch(g, world), **r)
-        rec.record(r); rec.line(_fmt_eval(r), echo=not cfg.progress)
-        if cfg.progress and is_main: bar.write(_fmt_eval(r))
-
-    t_start = time.time()
-    batches = train_data.iterate(g, rank, world, pin_memory=acc.device.type == 'cuda')
-    try:
-        if step == 0 and eval_data is not None: do_eval(0)
-        module.train()
-        stop = min(steps, cfg.stop_after) if cfg.stop_after else steps
-        while step < stop:
-            t0 = time.perf_counter()
-            loss_sum = task_sum = 0.
-            nelbo_sum, br_sum, ntok = None, {}, 0
-            for m in range(cfg.grad_accum):
-                batch = next(batches); g += 1
-                ntok += train_data.real_tokens(batch)
-                sync = contextlib.nullcontext() if m == cfg.grad_accum - 1 else acc.no_sync(module)
-                with sync:
-                    total, task, nelbo, br = module(_to(batch, acc.device))
-                    acc.backward(total / cfg.grad_accum)
-                loss_sum += total.detach().float(); task_sum += task.float()
-                if nelbo is not None: nelbo_sum = (nelbo_sum or 0.) + nelbo.float()
-                for k, v in br.items(): br_sum[k] = br_sum.get(k, 0.) + v / cfg.grad_accum
-            gn = acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm or float('inf'))
-            bk = list(br_sum)
-            vals = torch.cat([torch.stack([loss_sum, task_sum, nelbo_sum if nelbo_sum is not None else torch.zeros_like(loss_sum)])
-                              / cfg.grad_accum, torch.tensor([br_sum[k] for k in bk], device=loss_sum.device)])
-            if world > 1: vals = acc.reduce(vals, 'mean')       # every process logs (and checks) the same numbers
-            loss, task_loss, nelbo_v, *brv = vals.tolist()
-            gn = float(gn)
-            # fp16: the grad scaler skips steps with inf gradients by design; a non-finite loss is fatal everywhere
-            if not (math.isfinite(loss) and (math.isfinite(gn) or acc.scaler is not None)):
-                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gn} (loss {loss:.4f})"
-                msg = (f"non-finite {what} at step {step + 1}: the run is stopped before the update, so the weights are "
-                       f"those of step {step}. Last good checkpoint: {last_ckpt or 'none (no checkpoint written yet)'}. "
-                       f"Lower lr (now {cfg.lr:g}), raise warmup_steps, or check the data, then resume with "
-                       f"resume_from='latest' or a checkpoint path.")
-                rec.record(dict(step=step + 1, kind='error', error=msg)); rec.line(msg)
-                raise NonFiniteLossError(msg, step + 1, last_ckpt)
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            step += 1; bar.update(1)
-            dt = time.perf_counter() - t0
-            w = window
-            w['n'] = w.get('n', 0) + 1; w['loss'] = w.get('loss', 0.) + loss; w['task_loss'] = w.get('task_loss', 0.) + task_loss
-            w['grad_norm'] = w.get('grad_norm', 0.) + gn; w['time'] = w.get('time', 0.) + dt; w['tokens'] = w.get('tokens', 0) + ntok
-            if nelbo_sum is not None: w['recon_nelbo'] = w.get('recon_nelbo', 0.) + nelbo_v
-            for k, v in zip(bk, brv): w['br/' + k] = w.get('br/' + k, 0.) + v
-            if cfg.progress and is_main: bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
-            if step % cfg.log_every == 0 or step == stop:
-                n = w['n']
-                extra = torch.tensor([w['tokens'], w['time']], dtype=torch.float64)
-                if world > 1: extra = acc.reduce(extra.to(acc.device), 'sum').cpu()
-                tok_all, t_all = extra[0].item(), extra[1].item() / world
-                tokens_total += int(tok_all); train_s += t_all
-                r = dict(step=step, kind='train', epoch=train_data.epoch(g, world), loss=w['loss'] / n, task_loss=w['task_loss'] / n)
-                if 'recon_nelbo' in w: r['recon_nelbo'] = w['recon_nelbo'] / n
-                r.update(lr=sched.get_last_lr()[0], grad_norm=w['grad_norm'] / n, tokens_per_s=tok_all / max(t_all, 1e-9),
-                         steps_per_s=n / max(t_all, 1e-9), tokens=tokens_total, train_s=round(train_s, 3),
-                         elapsed_s=round(time.time() - t_start, 3))
-                r.update({k[3:]: v / n for k, v in w.items() if k.startswith('br/')})
-                rec.record(r); rec.line(_fmt_log(r, steps), echo=not cfg.progress)
-                window = {}
-            if eval_data is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps): do_eval(step)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == stop: save(step)
-    except BaseException:
-        if wb is not None: wb.finish(exit_code=1)
-        wb = None
-        raise
-    finally:
-        bar.close()
-        if hasattr(batches, 'close'): batches.close()
-        if wb is not None: wb.finish()
-    history.step, history.last_checkpoint, history.wall_s = step, last_ckpt, time.time() - t_start
-    rec.line(f"done: {step} steps in {history.wall_s:.1f}s" + (f", checkpoint {last_ckpt}" if last_ckpt else ''))
+    cfg, lm = config or TrainConfig(), loss_manager if loss_manager is not None else LossManager()
+    loop, ckpt = setup_loop(model, train_data, eval_data, lm, cfg, Path(run_dir) if run_dir else None, tokenizer, log)
+    loop.state = restore(loop, ckpt, log)
+    history = start_records(loop, ckpt, params, log)
+    loop.t_start = time.time()
+    loop.batches = train_data.iterate(loop.state.micro_batches, loop.rank, loop.world,
+                                      pin_memory=loop.acc.device.type == 'cuda')
+    with _closing(loop): run_steps(loop)
+    history.step, history.last_checkpoint = loop.state.step, loop.state.last_checkpoint
+    history.wall_s = time.time() - loop.t_start
+    done = f", checkpoint {history.last_checkpoint}" if history.last_checkpoint else ''
+    loop.rec.line(f"done: {history.step} steps in {history.wall_s:.1f}s" + done)
     return history
 
 # %% ../nbs/10_train.ipynb #95e92653

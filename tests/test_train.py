@@ -183,12 +183,25 @@ def test_params_validation_and_presets():
 
 
 def test_notebook_parameters_are_the_defaults():
+    "The literal papermill cell of 90_pretrain equals `PretrainParams`: names (in order), types and defaults."
     import papermill as pm
+    from concept_nb.train import PRETRAIN_SPECS
     declared = pm.inspect_notebook(str(ROOT / 'nbs' / '90_pretrain.ipynb'))
-    assert set(declared) == set(PRETRAIN_DEFAULTS)
+    assert list(declared) == list(PRETRAIN_SPECS) and set(PRETRAIN_SPECS) == set(PRETRAIN_DEFAULTS)
     for k, v in declared.items():
-        assert eval(v['default']) == PRETRAIN_DEFAULTS[k], k
-        assert v['help'], f'parameter {k} has no help text'
+        assert eval(v['default']) == PRETRAIN_SPECS[k]['default'], k
+        assert v['inferred_type_name'] == PRETRAIN_SPECS[k]['type'], k
+        assert v['help'] and PRETRAIN_SPECS[k]['help'], f'parameter {k} has no help text'
+
+
+def test_one_default_per_parameter():
+    "Issue 15: TrainConfig took lr 1e-3 and wandb 'disabled' while the run notebook said 2e-3 and 'offline'."
+    from concept_nb.train import PretrainParams, PRETRAIN_RULES
+    cfg, p = TrainConfig(), PretrainParams()
+    for k in ('lr', 'wandb_mode', 'steps', 'warmup_steps', 'eval_every', 'save_every', 'log_every', 'cpu_threads'):
+        assert getattr(cfg, k) == getattr(p, k) == PRETRAIN_DEFAULTS[k], k
+    assert PRETRAIN_RULES['lr'] == ('>', 0)
+    with pytest.raises(ValueError, match="'lr' must be > 0"): TrainConfig(lr=0.)
 
 
 def test_papermill_run_notebook(tmp_path):
