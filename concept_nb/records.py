@@ -16,7 +16,8 @@ from .checkpoints import latest_checkpoint
 __all__ = ['SCHEMA_VERSION', 'RUN_KINDS', 'RUN_STATUSES', 'SECTIONS', 'TOP_KEYS', 'RECORD_FIELDS', 'RENAMED_RECORD_KEYS',
            'DATE_RE', 'WANDB_MODES', 'Field', 'record_columns', 'make_record', 'write_record', 'upgrade_record_keys',
            'upgrade_record', 'read_record', 'run_name_for', 'run_group', 'safe_name', 'task_list', 'source_run_of',
-           'default_run_name', 'write_run_params', 'start_run', 'record_failure', 'wandb_mode_for', 'init_wandb']
+           'default_run_name', 'write_run_params', 'start_run', 'record_failure', 'History', 'Recorder',
+           'resume_history', 'wandb_mode_for', 'init_wandb']
 
 # %% ../nbs/09_records.ipynb #e96e9489
 SCHEMA_VERSION = 2
@@ -287,7 +288,54 @@ def record_failure(run_dir, # the run folder
             write_record(run_dir, prev.get('kind', kind), status, **fields)
         raise
 
-# %% ../nbs/09_records.ipynb #5c3a01dd
+# %% ../nbs/09_records.ipynb #89881a36
+class History(list):
+    "Log records (dicts with `step` and `kind`), with `.of(kind)` and `.frame(kind)`."
+    step:int = 0; last_checkpoint:str|None = None; run_dir:str|None = None; wall_s:float = 0.
+    def __init__(self, records=()): super().__init__(upgrade_record_keys(r) for r in records)   # old records: new keys
+    def of(self, kind:str) -> list[dict]: return [r for r in self if r.get('kind') == kind]
+    def frame(self, kind:str|None=None):
+        import pandas as pd
+        return pd.DataFrame(self if kind is None else self.of(kind))
+    def last(self, kind:str) -> dict:
+        rs = self.of(kind)
+        return rs[-1] if rs else {}
+
+# %% ../nbs/09_records.ipynb #608c6d8f
+class Recorder:
+    "Appends records to history / history.jsonl / log.txt / wandb (main process only)."
+    def __init__(self, history:History, run_dir, is_main:bool, log, wandb_run):
+        self.h, self.is_main, self.log, self.wb = history, is_main, log, wandb_run
+        self.hfile = Path(run_dir) / 'history.jsonl' if run_dir else None
+        self.lfile = Path(run_dir) / 'log.txt' if run_dir else None
+    def line(self, msg:str, echo:bool=True):
+        if not self.is_main: return
+        if echo and self.log: self.log(msg)
+        if self.lfile:
+            with open(self.lfile, 'a') as f: f.write(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
+    def record(self, r:dict):
+        self.h.append(r)
+        if not self.is_main: return
+        if self.hfile:
+            with open(self.hfile, 'a') as f: f.write(json.dumps(r, default=float) + '\n')
+        if self.wb is not None and r['kind'] in ('train', 'eval'):
+            pre = 'train/' if r['kind'] == 'train' else ''
+            self.wb.log({pre + k if not k.startswith(('eval', 'concept/')) else k: v for k, v in r.items()
+                         if k not in ('step', 'kind') and isinstance(v, (int, float))}, step=r['step'])
+
+def resume_history(run_dir, step:int) -> list[dict]:
+    "Records up to `step` from history.jsonl, rewriting the file without the later (lost) ones."
+    f = Path(run_dir) / 'history.jsonl' if run_dir else None
+    if f is None or not f.exists(): return []
+    rs = []
+    for l in f.read_text(errors='replace').split('\n'):
+        try: rs.append(json.loads(l))
+        except ValueError: pass                   # blank, or the half-written last line of a killed process
+    keep = [r for r in rs if r.get('step', 0) <= step and r.get('kind') != 'error']
+    atomic_write_text(f, ''.join(json.dumps(r, default=float) + '\n' for r in keep))
+    return keep
+
+# %% ../nbs/09_records.ipynb #2090ff85
 WANDB_MODES = ('disabled', 'offline', 'online')
 
 def wandb_mode_for(mode:str) -> str:

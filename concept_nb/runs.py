@@ -27,7 +27,7 @@ __all__ = ['TEMPLATES', 'RULES', 'PRESET_TABLES', 'INLINE_BACKEND', 'TASK_NAMES'
 
 # %% ../nbs/09_runs.ipynb #10376d0e
 TEMPLATES = {'pretrain': '90_pretrain.ipynb', 'glue': '91_glue.ipynb'}
-RULES = {'pretrain': ('concept_nb.train', 'PRETRAIN_RULES'), 'glue': ('concept_nb.glue', 'GLUE_RULES')}
+RULES = {'pretrain': ('concept_nb.pretrain', 'PRETRAIN_RULES'), 'glue': ('concept_nb.glue', 'GLUE_RULES')}
 
 def project_root(root=None) -> Path:
     "The repository root: above `root`, else above the working directory, else above this package."
@@ -172,7 +172,7 @@ def cross_check(kind:str, # 'pretrain' or 'glue'
     "The templates' own cross-parameter checks, run before any work (`ParamError` on a conflict)."
     try:
         if kind == 'pretrain':
-            from concept_nb.train import resolve_params as rp
+            from concept_nb.pretrain import resolve_params as rp
             rp({**full, 'preset': '', 'run_name': full.get('run_name') or 'check', 'run_dir': full.get('run_dir') or '-'},
                log=lambda *a, **k: None)
         elif kind == 'glue':

@@ -4,384 +4,26 @@
 
 # %% ../nbs/10_train.ipynb #22d353ef
 from __future__ import annotations
-import argparse, contextlib, datetime, itertools, json, math, os, random, sys, tempfile, time
+import argparse, contextlib, datetime, json, math, os, random, sys, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
-from typing import Iterator
 import numpy as np
 import torch, torch.nn as nn
-from .config import POSITION_TYPES, ELBO_WEIGHTINGS
-from .heads import MODEL_REGISTRY, build_model
-from .losses import LOSS_REGISTRY, WEIGHTINGS, LossConfig, LossManager
-from .data import load_text, load_tokenizer, pack_documents
-from .collators import collator_for
+from .losses import LossManager
 from .analysis import concept_metrics
-from .core import (ParamError, check_params, param, param_specs, atomic_write_text, parse_value, repo_root, package_dir, reserve_run_dir,
-                             resolve_device)
-from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint, load_model_weights, load_checkpoint,
-                                    init_encoder_from, format_init_report)
-from .records import (WANDB_MODES, upgrade_record_keys, run_name_for, make_record, write_record, start_run,
+from .core import ParamError, check_params, parse_value, resolve_device
+from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint,
+                                    load_model_weights, load_checkpoint)
+from .records import (History, Recorder, resume_history, make_record, write_record, start_run,
                                 write_run_params, record_failure, init_wandb)
+from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RULES,
+                                BatchStream, derive_seed, resolve_params, build_pretraining, list_presets)
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'SCHEDULES', 'MIXED_PRECISIONS', 'DEVICES', 'MASKINGS', 'PRETRAIN_SPECS', 'PRETRAIN_DEFAULTS',
-           'PRETRAIN_TYPES', 'PRETRAIN_RULES', 'presets_dir', 'list_presets', 'load_preset', 'PretrainParams',
-           'resolve_params', 'derive_seed', 'real_tokens', 'BatchStream', 'tokenize_corpus', 'collator_kwargs',
-           'pretrain_model_config', 'build_pretraining', 'param_groups', 'make_optimizer', 'make_scheduler',
-           'TrainConfig', 'resolve_mixed_precision', 'make_accelerator', 'NonFiniteLossError', 'PretrainingModule',
-           'History', 'evaluate', 'LoopState', 'Loop', 'setup_loop', 'restore', 'start_records', 'accumulate',
-           'check_finite', 'optimizer_step', 'add_to_window', 'log_window', 'save_state', 'eval_now', 'run_steps',
-           'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining', 'main']
-
-# %% ../nbs/10_train.ipynb #edf33213
-OBJECTIVES = {'mlm': ('perceiver_mlm', 'weighted_mlm', 'perceiver_posonly_mlm', 'recursive_mlm'),
-              'tsdae': ('tsdae_posonly',),
-              'masked_reconstruction': ('masked_reconstruction_posonly',),
-              'diffusion': ('diffusion_mlm',),
-              'prefix_diffusion': ('diffusion_mlm',)}
-SCHEDULES = ('linear', 'cosine', 'constant')
-MIXED_PRECISIONS = ('auto', 'no', 'bf16', 'fp16')
-DEVICES = ('auto', 'cpu', 'cuda')
-MASKINGS = ('token', 'whole_word', 'span')
-
-# %% ../nbs/10_train.ipynb #095ff961
-def presets_dir() -> Path:
-    "The `configs/` folder of the repository (beside the package in an editable install)."
-    p = package_dir().parent / 'configs'
-    return p if p.is_dir() else repo_root() / 'configs'
-
-def _is_pretrain_preset(path:Path) -> bool:
-    import yaml
-    try: d = yaml.safe_load(path.read_text())
-    except Exception: return False
-    return isinstance(d, dict) and set(d) <= set(PRETRAIN_DEFAULTS)
-
-def list_presets() -> list[str]:
-    "Names of the pretraining presets in `configs/` (files whose names are all pretraining parameters)."
-    d = presets_dir()
-    return sorted(p.stem for p in d.glob('*.yaml') if _is_pretrain_preset(p)) if d.is_dir() else []
-
-def _preset_path(name:str) -> Path|None:
-    p = Path(name).expanduser()
-    if p.suffix in ('.yaml', '.yml') and p.is_file(): return p
-    q = presets_dir() / f'{name}.yaml'
-    return q if q.is_file() else None
-
-def load_preset(name:str, # preset name in configs/ (e.g. 'cpu-small') or a path to a YAML file
-               ) -> dict:
-    "Read and type-check a preset: a flat dict of `PRETRAIN_DEFAULTS` names."
-    import yaml
-    p = _preset_path(name)
-    if p is None:
-        raise ParamError(f"unknown preset {name!r}: not a YAML file and not in {presets_dir()} "
-                         f"(available: {', '.join(list_presets()) or 'none'})")
-    d = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(d, dict): raise ParamError(f"preset {p}: expected a flat mapping of parameters, got {type(d).__name__}")
-    try: return check_params(d, PRETRAIN_TYPES)
-    except ParamError as e: raise ParamError(f"preset {p}: {e}") from None
-
-# %% ../nbs/10_train.ipynb #85037609
-def _losses_rule(v):
-    names = [] if v.strip().lower() in ('', 'none') else v.split()
-    bad = [n for n in names if n not in LOSS_REGISTRY]
-    if bad: return f"unknown concept loss(es) {bad}; known: {', '.join(sorted(LOSS_REGISTRY))} (or 'none')"
-
-def _open_unit(lo_closed:bool, hi_closed:bool):
-    def rule(v):
-        ok = (v >= 0 if lo_closed else v > 0) and (v <= 1 if hi_closed else v < 1)
-        if not ok: return f"must be in {'[' if lo_closed else '('}0, 1{']' if hi_closed else ')'}, got {v!r}"
-    return rule
-
-def _resume_rule(v):
-    if v in ('', 'latest') or Path(v).expanduser().exists(): return None
-    return f"{v!r} does not exist; pass '' (fresh run), 'latest' (newest checkpoint of run_dir) or a checkpoint folder"
-
-def _init_rule(v):
-    if v == '' or Path(v).expanduser().exists(): return None
-    return f"{v!r} does not exist; pass '' (random initialisation) or a run folder, model folder or checkpoint folder"
-
-def _path_rule(what:str):
-    "A rule for `data` / `tokenizer`: names and hub ids pass; a path-like value must exist."
-    def rule(v):
-        if v.startswith(('.', '/', '~')) or Path(v).suffix.lower() in ('.txt', '.jsonl', '.json', '.csv', '.tsv', '.parquet'):
-            if not Path(v).expanduser().exists(): return f"{what} {v!r} does not exist (relative paths resolve from {Path.cwd()})"
-        return None
-    return rule
-
-def _preset_rule(v):
-    if v == '' or _preset_path(v): return None
-    return f"unknown preset {v!r} (available: {', '.join(list_presets())})"
-
-# %% ../nbs/10_train.ipynb #pp000001
-@dataclass
-class PretrainParams:
-    "Every parameter of a pretraining run: type, default, rule and help, declared once."
-    run_name:str=param('') # '': {model_type}_H{H}L{L}C{C}[_T..][_pos..]_{YYYYMMDD_HHMMSS}
-    run_dir:str=param('') # run folder for records, checkpoints and the model ('': a fresh temporary folder)
-    preset:str=param('', _preset_rule) # configs/<preset>.yaml: fills every parameter left at its default here
-    data:str=param('embedded', _path_rule('text source')) # 'embedded', a local file/folder, or a hub dataset id (e.g.
-        # JeanKaddour/minipile)
-    tokenizer:str=param('embedded', _path_rule('tokenizer folder')) # 'embedded[-wordpiece|-bpe][-VOCAB]', a tokenizer
-        # folder, or a hub name
-    model_type:str=param('perceiver_mlm', tuple(MODEL_REGISTRY)) # weighted_mlm | perceiver_mlm |
-        # perceiver_posonly_mlm | recursive_mlm | tsdae_posonly | masked_reconstruction_posonly | diffusion_mlm
-    objective:str=param('mlm', tuple(OBJECTIVES)) # mlm | tsdae | masked_reconstruction | diffusion | prefix_diffusion
-        # (must fit model_type)
-    hidden_size:int=param(32, ('>=', 1)) # H, concept width
-    concept_num:int=param(8, ('>=', 1)) # C, number of concepts (must be < block_size)
-    num_hidden_layers:int=param(2, ('>=', 1)) # L, encoder layers (recursive: distinct layers before tying)
-    num_attention_heads:int=param(2, ('>=', 0)) # attention heads (0: min(8, H // 64), at least 1)
-    intermediate_size:int=param(64, ('>=', 0)) # gated FFN width (0: 4 H)
-    token_embedding_dim:int=param(0, ('>=', 0)) # token embedding width (0: H; smaller adds a projection)
-    use_bixt:bool=param(False) # BiXT bidirectional cross-attention encoder layers
-    num_iterations:int=param(0, ('>=', 0)) # recursive encoder: weight-tied layer applications (0: not recursive;
-        # recursive_mlm uses L)
-    concept_position_type:str=param('none', POSITION_TYPES) # none | sinusoidal | learned concept positions
-    block_size:int=param(64, ('>=', 2)) # N, tokens per sequence
-    pack:bool=param(True) # pack documents into full blocks (False: one truncated document per sequence, as upstream)
-    mlm_probability:float=param(0.15, _open_unit(False, True)) # mlm: fraction of real tokens predicted
-    masking:str=param('token', MASKINGS) # mlm: token | whole_word | span
-    deletion_rate:float=param(0.6, _open_unit(True, False)) # tsdae: share of words deleted (closed up);
-        # masked_reconstruction: of tokens hidden
-    t_min:float=param(0.3, _open_unit(False, True)) # diffusion: smallest noise level
-    elbo_weighting:str=param('mdlm', ELBO_WEIGHTINGS) # diffusion loss weighting: none | self_normalized | mdlm
-    concept_losses:str=param('combined', _losses_rule) # space-separated concept losses, or 'none'
-    loss_weighting:str=param('fixed', WEIGHTINGS) # fixed | learnable | kendall_gal | anchored_uncertainty
-    loss_weight:float=param(0.1, ('>=', 0)) # fixed: total concept-loss weight, split evenly over the losses
-    lr:float=param(2e-3, ('>', 0)) # peak learning rate
-    weight_decay:float=param(0.01, ('>=', 0)) # AdamW weight decay of matrices
-    warmup_steps:int=param(2, ('>=', 0)) # linear warmup steps
-    schedule:str=param('cosine', SCHEDULES) # linear | cosine | constant after warmup
-    max_grad_norm:float=param(1.0, ('>=', 0)) # gradient clipping (0: off)
-    batch_size:int=param(8, ('>=', 1)) # sequences per micro-batch and process
-    eval_batch_size:int=param(0, ('>=', 0)) # held-out sequences per micro-batch (0: batch_size)
-    grad_accum:int=param(1, ('>=', 1)) # micro-batches per optimiser step
-    steps:int=param(20, ('>=', 1)) # optimiser steps
-    epochs:float=param(0.0, ('>=', 0)) # > 0: passes over the training blocks instead of steps
-    eval_every:int=param(10, ('>=', 0)) # steps between evaluations (held-out loss + concept geometry; also at start
-        # and end)
-    eval_batches:int=param(2, ('>=', 1)) # held-out micro-batches per evaluation
-    save_every:int=param(10, ('>=', 0)) # steps between checkpoints (0: only at the end)
-    keep_checkpoints:int=param(2, ('>=', 0)) # newest checkpoints kept (0: all)
-    log_every:int=param(5, ('>=', 1)) # steps between log lines
-    mixed_precision:str=param('auto', MIXED_PRECISIONS) # auto (bf16 on capable GPUs) | no | bf16 | fp16
-    compile:bool=param(False) # torch.compile with dynamic shapes
-    device:str=param('auto', DEVICES) # auto | cpu | cuda
-    cpu_threads:int=param(1, ('>=', 0)) # torch CPU threads on CPU runs (0: torch default; 1 is fastest for tiny
-        # models)
-    num_workers:int=param(0, ('>=', 0)) # DataLoader workers building batches
-    seed:int=param(42, ('>=', 0)) # seed of weights, data order, masking and dropout
-    resume_from:str=param('', _resume_rule) # '' | 'latest' (newest checkpoint in run_dir) | a checkpoint folder
-    init_from:str=param('', _init_rule) # checkpoint or run folder whose encoder weights initialise the model
-    wandb_mode:str=param('offline', WANDB_MODES) # disabled | offline | online (env WANDB_MODE disabled wins)
-    max_docs:int=param(200, ('>=', 0)) # training documents used (0: all)
-    eval_max_docs:int=param(0, ('>=', 0)) # held-out documents used (0: all)
-    progress:bool=param(False) # tqdm progress bar instead of log lines (keep False under papermill)
-
-# %% ../nbs/10_train.ipynb #pp000002
-PRETRAIN_SPECS = param_specs(PretrainParams)
-PRETRAIN_DEFAULTS = {k: d['default'] for k, d in PRETRAIN_SPECS.items()}
-PRETRAIN_TYPES = {k: d['type'] for k, d in PRETRAIN_SPECS.items()}
-PRETRAIN_RULES = {k: d['rule'] for k, d in PRETRAIN_SPECS.items() if d['rule'] is not None}
-
-# %% ../nbs/10_train.ipynb #c97681ba
-def resolve_params(params:dict, # validated run parameters (missing names take `PRETRAIN_DEFAULTS`)
-                   now:datetime.datetime|None=None, # timestamp for the run name
-                   log=print, # where warnings go
-                   runs_dir=None, # with run_dir='': reserve runs_dir/<YYYY-MM-DD>_<run_name> (None: a temp folder)
-                  ) -> dict:
-    "Apply the preset, derive sizes, name the run and check cross-parameter rules; returns a new dict."
-    p = {**PRETRAIN_DEFAULTS, **params}
-    if p['preset']:
-        for k, v in load_preset(p['preset']).items():
-            if k != 'preset' and p[k] == PRETRAIN_DEFAULTS[k]: p[k] = v
-        check_params(p, PRETRAIN_TYPES, PRETRAIN_RULES)
-    H, obj, mt = p['hidden_size'], p['objective'], p['model_type']
-    if mt not in OBJECTIVES[obj]:
-        fits = [o for o, ms in OBJECTIVES.items() if mt in ms]
-        raise ParamError(f"model_type {mt!r} cannot learn objective {obj!r}: use model_type in {list(OBJECTIVES[obj])}"
-                         + (f", or objective in {fits}" if fits else ''))
-    if not p['num_attention_heads']: p['num_attention_heads'] = max(1, min(8, H // 64))
-    if not p['intermediate_size']: p['intermediate_size'] = 4 * H
-    if H % p['num_attention_heads']:
-        raise ParamError(f"hidden_size={H} is not divisible by num_attention_heads={p['num_attention_heads']}")
-    if p['concept_num'] >= p['block_size']:
-        raise ParamError(f"concept_num={p['concept_num']} >= block_size={p['block_size']}: with at least as many concepts as "
-                         f"tokens there is no compression; lower concept_num or raise block_size")
-    ortho = {'orthogonality', 'soft_orthogonality'} & set(p['concept_losses'].split())
-    if ortho and p['concept_num'] > H:
-        log(f"warning: {sorted(ortho)} cannot reach 0 with concept_num={p['concept_num']} > hidden_size={H}")
-    try: LossConfig.from_flat(p['concept_losses'], p['loss_weighting'], p['loss_weight'])   # refused pairs
-    except ValueError as e: raise ParamError(str(e)) from None
-    if not p['run_name']: p['run_name'] = run_name_for(mt, p, now)
-    if not p['run_dir'] and runs_dir is not None:   # only after every check: a bad run leaves no folder behind
-        d, p['run_name'] = reserve_run_dir(runs_dir, p['run_name'])   # never shared with a same-named run
-        p['run_dir'] = str(d)
-    if not p['run_dir']: p['run_dir'] = tempfile.mkdtemp(prefix=f"concept_nb_{p['run_name']}_")
-    return p
-
-# %% ../nbs/10_train.ipynb #f7bd17a8
-def derive_seed(*keys:int) -> int:
-    "A 63-bit seed that is a deterministic function of non-negative integer keys."
-    a, b = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
-    return (int(a) << 31) ^ int(b)
-
-_PERM, _COLLATE = 1, 2
-
-def real_tokens(batch:dict, # a collated batch
-                separate_decoder:bool=False, # decoder tokens are other text (prefix diffusion): add them
-               ) -> int:
-    "Real (non-padding) text tokens of a batch: from the masks, never from the padded shape."
-    am, dm = batch.get('attention_mask'), batch.get('decoder_attention_mask')
-    if am is None: am = torch.ones_like(batch['input_ids'])
-    if dm is None: return int(am.sum())
-    if separate_decoder: return int(am.sum() + dm.sum())        # prefix + suffix
-    if am.shape != dm.shape: return int(dm.sum())                 # TSDAE: the encoder sees a subset, closed up
-    return int((am.bool() | dm.bool()).sum())                     # same text (hidden tokens, diffusion): count it once
-
-
-def _identity(x): return x
-
-class _Indexed(torch.utils.data.Dataset):
-    "Map-style view of a `BatchStream` for a `DataLoader`: item g is micro-batch g."
-    def __init__(self, stream, rank, world): self.stream, self.rank, self.world = stream, rank, world
-    def __len__(self): return sys.maxsize
-    def __getitem__(self, g): return self.stream.batch(g, self.rank, self.world)
-
-class BatchStream:
-    "Collated micro-batches as a pure function of (seed, micro-batch index, rank, world)."
-    def __init__(self,
-                 dataset, # rows with `input_ids` (and `attention_mask`): a `datasets.Dataset` or a list of dicts
-                 collator, # callable list[dict] -> batch dict; must draw from torch's global RNG (seed=None)
-                 batch_size:int, # rows per micro-batch and process
-                 seed:int=0, # seeds the permutations and the collator randomness
-                 shuffle:bool=True, # False: rows in order (evaluation)
-                 num_workers:int=0, # DataLoader worker processes (0: collate in the training process)
-                 separate_decoder:bool=False, # the decoder input is other text (prefix diffusion): count its tokens too
-                ):
-        if len(dataset) == 0: raise ValueError("dataset is empty: no rows to make batches from")
-        if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if getattr(collator, 'seed', None) is not None:
-            raise ValueError("collator has its own seed: build it with seed=None so BatchStream controls its randomness")
-        self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
-        self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
-        self.separate_decoder, self._perms = separate_decoder, {}
-
-    def __len__(self): return len(self.dataset)
-
-    def _perm(self, epoch:int):
-        if not self.shuffle: return None
-        if epoch not in self._perms:
-            if len(self._perms) > 2: self._perms.clear()
-            g = torch.Generator().manual_seed(derive_seed(self.seed, _PERM, epoch))
-            self._perms[epoch] = torch.randperm(len(self.dataset), generator=g).tolist()
-        return self._perms[epoch]
-
-    def indices(self, g:int, rank:int=0, world:int=1) -> list[int]:
-        "Row indices of micro-batch `g` on process `rank` of `world`."
-        n, B = len(self.dataset), self.batch_size
-        start = (g * world + rank) * B
-        out = []
-        for pos in range(start, start + B):
-            e, i = divmod(pos, n)
-            perm = self._perm(e)
-            out.append(perm[i] if perm is not None else i)
-        return out
-
-    def real_tokens(self, batch:dict) -> int:
-        "Real (non-padding) text tokens of one of its batches."
-        return real_tokens(batch, self.separate_decoder)
-
-    def epoch(self, g:int, world:int=1) -> float:
-        "Passes over the data completed after `g` micro-batches per process."
-        return g * world * self.batch_size / len(self.dataset)
-
-    def batch(self, g:int, rank:int=0, world:int=1) -> dict:
-        "The collated micro-batch `g` of process `rank`."
-        idx = self.indices(g, rank, world)
-        ds = self.dataset
-        feats = ds.__getitems__(idx) if hasattr(ds, '__getitems__') else [ds[i] for i in idx]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, _COLLATE, g, rank))
-            return self.collator(feats)
-
-    def iterate(self, start:int=0, rank:int=0, world:int=1, pin_memory:bool=False) -> Iterator[dict]:
-        "Endless iterator over micro-batches `start, start+1, ...`."
-        if self.num_workers == 0:
-            for g in itertools.count(start): yield self.batch(g, rank, world)
-        else:
-            dl = torch.utils.data.DataLoader(_Indexed(self, rank, world), sampler=itertools.count(start), batch_size=None,
-                                             collate_fn=_identity, num_workers=self.num_workers, pin_memory=pin_memory)
-            yield from dl
-
-# %% ../nbs/10_train.ipynb #0c21298f
-def tokenize_corpus(texts, # a `datasets.Dataset` with a 'text' column, or a list of documents
-                    tokenizer, # the tokenizer
-                    block_size:int, # sequence length
-                    pack:bool=True, # packed blocks (True) or one truncated document per sequence
-                    chunk:int=2000, # documents per `Dataset.map` batch for large corpora
-                    num_proc:int|None=None, # `Dataset.map` processes for large corpora
-                   ):
-    "Token blocks (`input_ids`, `attention_mask`) of a corpus, chunked through `Dataset.map` when it is large."
-    import datasets
-    if not isinstance(texts, datasets.Dataset) or len(texts) <= chunk:
-        return pack_documents(texts, tokenizer, block_size, pack=pack)
-    def fn(b): return pack_documents(b['text'], tokenizer, block_size, pack=pack).to_dict()
-    was = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try: return texts.map(fn, batched=True, batch_size=chunk, remove_columns=texts.column_names, num_proc=num_proc)
-    finally:
-        if was: datasets.enable_progress_bars()
-
-def collator_kwargs(params:dict) -> dict:
-    "Collator settings of an objective from the run parameters (always `seed=None`: `BatchStream` seeds it)."
-    o = params['objective']
-    kw = dict(mlm=dict(mlm_probability=params['mlm_probability'], masking=params['masking']),
-              tsdae=dict(deletion_rate=params['deletion_rate']),                 # words, closed up
-              masked_reconstruction=dict(deletion_rate=params['deletion_rate']), # tokens, hidden in place
-              diffusion=dict(t_min=params['t_min']), prefix_diffusion=dict(t_min=params['t_min']))[o]
-    return dict(kw, pad_to_multiple_of=8, seed=None)
-
-def pretrain_model_config(params:dict, tokenizer) -> dict:
-    "The `build_model` keyword arguments of resolved run parameters."
-    p = params
-    ids = {f'{n}_token_id': getattr(tokenizer, f'{n}_token_id', None) for n in ('pad', 'mask', 'cls', 'sep', 'bos', 'eos', 'unk')}
-    return dict(vocab_size=len(tokenizer), concept_num=p['concept_num'], hidden_size=p['hidden_size'],
-                num_hidden_layers=p['num_hidden_layers'], num_attention_heads=p['num_attention_heads'] or max(1, min(8, p['hidden_size'] // 64)),
-                intermediate_size=p['intermediate_size'] or 4 * p['hidden_size'],
-                token_embedding_dim=p['token_embedding_dim'] or None, use_bixt=p['use_bixt'],
-                num_iterations=p['num_iterations'] or None, concept_position_type=p['concept_position_type'],
-                max_sequence_length=p['block_size'], t_min=p['t_min'], elbo_weighting=p['elbo_weighting'],
-                objective=p['objective'], tokenizer_name=p['tokenizer'], **ids)
-
-def build_pretraining(params:dict, # resolved run parameters (see `resolve_params`)
-                      log=print, # progress messages
-                     ) -> tuple:
-    "(model, tokenizer, train_loader, eval_loader, loss_manager) for the run parameters; `init_from` warm-starts the encoder."
-    from accelerate.utils import set_seed
-    p = {**PRETRAIN_DEFAULTS, **params}
-    t0 = time.time()
-    tok = load_tokenizer(p['tokenizer'])
-    train_txt = load_text(p['data'], 'train', max_docs=p['max_docs'] or None)
-    eval_txt = load_text(p['data'], 'validation', max_docs=p['eval_max_docs'] or None)
-    train_ds = tokenize_corpus(train_txt, tok, p['block_size'], p['pack'])
-    eval_ds = tokenize_corpus(eval_txt, tok, p['block_size'], p['pack'])
-    log(f"data {p['data']!r}: {len(train_txt):,} train / {len(eval_txt):,} held-out documents -> "
-        f"{len(train_ds):,} / {len(eval_ds):,} sequences of <= {p['block_size']} tokens "
-        f"({'packed' if p['pack'] else 'one document each'}), tokenizer {p['tokenizer']!r} ({len(tok):,} tokens), "
-        f"{time.time() - t0:.1f}s")
-    coll = collator_for(p['objective'], tok, **collator_kwargs(p))
-    sep = p['objective'] == 'prefix_diffusion'
-    train_loader = BatchStream(train_ds, coll, p['batch_size'], seed=p['seed'], num_workers=p['num_workers'], separate_decoder=sep)
-    eval_loader = BatchStream(eval_ds, coll, p['eval_batch_size'] or p['batch_size'], seed=p['seed'] + 1, shuffle=False,
-                              separate_decoder=sep)
-    set_seed(p['seed'])                                   # initial weights are a function of the seed
-    model = build_model(p['model_type'], **pretrain_model_config(p, tok))
-    if p['init_from']:                                    # warm start: the encoder of another run
-        model.init_report = init_encoder_from(model, p['init_from'])
-        log(format_init_report(model.init_report))
-    lm = LossManager(LossConfig.from_flat(p['concept_losses'], p['loss_weighting'], p['loss_weight']))
-    return model, tok, train_loader, eval_loader, lm
+__all__ = ['param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig', 'resolve_mixed_precision', 'make_accelerator',
+           'NonFiniteLossError', 'PretrainingModule', 'evaluate', 'LoopState', 'Loop', 'setup_loop', 'restore',
+           'start_records', 'accumulate', 'check_finite', 'optimizer_step', 'add_to_window', 'log_window', 'save_state',
+           'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining', 'main']
 
 # %% ../nbs/10_train.ipynb #cee64c2a
 def param_groups(model:nn.Module, # the model
@@ -488,18 +130,6 @@ class PretrainingModule(nn.Module):
         total, breakdown = self.loss_manager(out.loss, out.concepts)
         return total, out.loss.detach(), getattr(out, 'recon_nelbo', None), breakdown
 
-class History(list):
-    "Log records (dicts with `step` and `kind`), with `.of(kind)` and `.frame(kind)`."
-    step:int = 0; last_checkpoint:str|None = None; run_dir:str|None = None; wall_s:float = 0.
-    def __init__(self, records=()): super().__init__(upgrade_record_keys(r) for r in records)   # old records: new keys
-    def of(self, kind:str) -> list[dict]: return [r for r in self if r.get('kind') == kind]
-    def frame(self, kind:str|None=None):
-        import pandas as pd
-        return pd.DataFrame(self if kind is None else self.of(kind))
-    def last(self, kind:str) -> dict:
-        rs = self.of(kind)
-        return rs[-1] if rs else {}
-
 # %% ../nbs/10_train.ipynb #0bd74a80
 def _to(batch:dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -565,39 +195,6 @@ def _fmt_eval(r:dict) -> str:
     return s + (f" | eff. rank {r['concept/effective_rank']:.2f} | RankMe {r['concept/rankme']:.2f}"
                 f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}"
                 f" | input dep. {r.get('concept/input_dependence', math.nan):.3f}")
-
-class _Recorder:
-    "Appends records to history / history.jsonl / log.txt / wandb (main process only)."
-    def __init__(self, history:History, run_dir, is_main:bool, log, wandb_run):
-        self.h, self.is_main, self.log, self.wb = history, is_main, log, wandb_run
-        self.hfile = Path(run_dir) / 'history.jsonl' if run_dir else None
-        self.lfile = Path(run_dir) / 'log.txt' if run_dir else None
-    def line(self, msg:str, echo:bool=True):
-        if not self.is_main: return
-        if echo and self.log: self.log(msg)
-        if self.lfile:
-            with open(self.lfile, 'a') as f: f.write(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
-    def record(self, r:dict):
-        self.h.append(r)
-        if not self.is_main: return
-        if self.hfile:
-            with open(self.hfile, 'a') as f: f.write(json.dumps(r, default=float) + '\n')
-        if self.wb is not None and r['kind'] in ('train', 'eval'):
-            pre = 'train/' if r['kind'] == 'train' else ''
-            self.wb.log({pre + k if not k.startswith(('eval', 'concept/')) else k: v for k, v in r.items()
-                         if k not in ('step', 'kind') and isinstance(v, (int, float))}, step=r['step'])
-
-def _resume_history(run_dir, step:int) -> list[dict]:
-    "Records up to `step` from history.jsonl, rewriting the file without the later (lost) ones."
-    f = Path(run_dir) / 'history.jsonl' if run_dir else None
-    if f is None or not f.exists(): return []
-    rs = []
-    for l in f.read_text(errors='replace').split('\n'):
-        try: rs.append(json.loads(l))
-        except ValueError: pass                   # blank, or the half-written last line of a killed process
-    keep = [r for r in rs if r.get('step', 0) <= step and r.get('kind') != 'error']
-    atomic_write_text(f, ''.join(json.dumps(r, default=float) + '\n' for r in keep))
-    return keep
 
 # %% ../nbs/10_train.ipynb #loop0001
 @dataclass
@@ -671,13 +268,13 @@ def restore(loop:Loop, ckpt:Path|None, log=print) -> LoopState:
 def start_records(loop:Loop, ckpt:Path|None, params:dict|None=None, log=print) -> History:
     "The run's `History`, recorder and progress bar (a fresh run in a used folder moves the old history aside)."
     run_dir, st, cfg, main = loop.run_dir, loop.state, loop.cfg, loop.is_main
-    history = History(_resume_history(run_dir, st.step) if ckpt is not None and main else [])
+    history = History(resume_history(run_dir, st.step) if ckpt is not None and main else [])
     history.run_dir = str(run_dir) if run_dir else None
     if ckpt is None and run_dir and (run_dir / 'history.jsonl').exists() and main:
         os.replace(run_dir / 'history.jsonl', run_dir / 'history.jsonl.prev')
     wb = init_wandb(cfg.wandb_mode, run_dir, cfg.run_name, {**(params or {}), **asdict(cfg)},
                     tags=[*_tags(params), *cfg.wandb_tags], project=cfg.wandb_project) if main else None
-    loop.rec = rec = _Recorder(history, run_dir, main, None if cfg.progress else log, wb)
+    loop.rec = rec = Recorder(history, run_dir, main, None if cfg.progress else log, wb)
     if ckpt is not None: rec.line(f"resumed from {ckpt} at step {st.step} (micro-batch {st.micro_batches})")
     nparams = sum(q.numel() for q in loop.model.parameters())
     rec.line(f"training {type(loop.model).__name__} ({nparams / 1e6:.2f}M parameters) for {loop.steps} steps on "

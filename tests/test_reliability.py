@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
 import concept_nb.train as T
+import concept_nb.pretrain as PT
 import concept_nb.checkpoints as CK
 from concept_nb import glue as G, runs as R
 from concept_nb.collators import (DiffusionCollator, IGNORE_INDEX, MaskedReconstructionCollator, MLMCollator,
@@ -142,7 +143,7 @@ def notebook_prologue(kind:str, params:dict, run_dir:str|None=None) -> dict:
     exec(compile(translate_parameters('python3', 'python', params, 'Parameters'), 'injected-parameters', 'exec'), ns)
     exec(compile(cells[i + 1].source, 'validation', 'exec'), ns)
     if kind == 'pretrain':
-        cell = next(c.source for c in cells if 'T.resolve_params(' in c.source)
+        cell = next(c.source for c in cells if 'PT.resolve_params(' in c.source)
         before = cell.split('start_run(')[0].rsplit('\n', 1)[0] if 'start_run(' in cell else cell
         assert 'resolve_params(' in before, 'resolve_params must run before start_run creates the run folder'
         exec(compile(before, 'resolve', 'exec'), ns)
@@ -342,11 +343,11 @@ CHILD = textwrap.dedent('''
     import os, sys, time, signal, torch
     import concept_nb.train as T
     mode = sys.argv[1]
-    batch = T.BatchStream.batch
+    batch = PT.BatchStream.batch
     def slow_batch(self, g, *a, **k):
         if mode == 'slow' and self.shuffle and g >= 6: time.sleep(0.5)
         return batch(self, g, *a, **k)
-    T.BatchStream.batch = slow_batch
+    PT.BatchStream.batch = slow_batch
     save = torch.save
     def dying_save(obj, f, *a, **k):
         if mode == 'die-in-save' and str(f).endswith(os.path.join('.tmp-step-12', 'optimizer.pt')):
@@ -430,9 +431,9 @@ def test_resume_latest_after_sigkill_reaches_the_same_final_metrics(crashed, tmp
     with pytest.raises(FileNotFoundError, match='incomplete checkpoint'): CK.resume_point(str(fake))
     m = T.run_pretraining({**RUN, 'run_dir': str(run), 'resume_from': 'latest'}, log=QUIET)
     ref = crashed['ref_metrics']
-    assert m['status'] == 'completed' and m['steps'] == ref['steps'] == RUN['steps']
+    assert m['status'] == 'completed' and m['train']['steps'] == ref['train']['steps'] == RUN['steps']
     for k in ('train_loss_end', 'task_loss_end', 'eval_loss', 'effective_rank', 'rankme'):
-        assert m[k] == pytest.approx(ref[k], abs=1e-6), k
+        assert m['results'][k] == pytest.approx(ref['results'][k], abs=1e-6), k
     assert _curve(run) == pytest.approx(_curve(crashed['ref']), abs=1e-6)          # every step, none twice
     assert _curve(run, 'eval', 'eval_loss') == pytest.approx(_curve(crashed['ref'], 'eval', 'eval_loss'), abs=1e-6)
     assert f'resumed from {latest} at step {n}' in (run / 'log.txt').read_text()
@@ -447,6 +448,7 @@ def test_sigkill_during_a_checkpoint_save(crashed):
     load_model(CK.latest_checkpoint(run))
     m = T.run_pretraining({**RUN, 'run_dir': str(run), 'resume_from': 'latest'}, log=QUIET)
     ref = crashed['ref_metrics']
+    m, ref = m['results'], ref['results']
     assert (m['train_loss_end'], m['eval_loss']) == pytest.approx((ref['train_loss_end'], ref['eval_loss']), abs=1e-6)
     assert not tmp.exists() and [p.name for p in CK.list_checkpoints(run)] == ['step-6', 'step-12', 'step-18', 'step-24']
 
@@ -456,7 +458,7 @@ def test_resume_survives_a_half_written_history_line(crashed, tmp_path):
     shutil.copytree(crashed['killed'], run)
     with open(run / 'history.jsonl', 'a') as f: f.write('{"step": 8, "kind": "train", "lo')
     m = T.run_pretraining({**RUN, 'run_dir': str(run), 'resume_from': 'latest'}, log=QUIET)
-    assert m['train_loss_end'] == pytest.approx(crashed['ref_metrics']['train_loss_end'], abs=1e-6)
+    assert m['results']['train_loss_end'] == pytest.approx(crashed['ref_metrics']['results']['train_loss_end'], abs=1e-6)
 
 
 # ======================================================================================================================
@@ -468,7 +470,7 @@ def test_same_seed_same_loss_curve(crashed, tmp_path):
     assert _curve(tmp_path / 'again') == _curve(crashed['ref'])
     assert _curve(tmp_path / 'again', 'train', 'task_loss') == _curve(crashed['ref'], 'train', 'task_loss')
     assert _curve(tmp_path / 'again', 'eval', 'eval_loss') == _curve(crashed['ref'], 'eval', 'eval_loss')
-    assert m['eval_loss'] == crashed['ref_metrics']['eval_loss']
+    assert m['results']['eval_loss'] == crashed['ref_metrics']['results']['eval_loss']
     # and across processes: the killed `python -m concept_nb.train` run logged the same losses up to its checkpoint
     n = CK.checkpoint_step(CK.latest_checkpoint(crashed['killed']))
     child = {s: v for s, v in _curve(crashed['killed']).items() if s <= n}
@@ -478,7 +480,7 @@ def test_same_seed_same_loss_curve(crashed, tmp_path):
 def test_different_seed_different_curve(crashed, tmp_path):
     "The determinism test can fail: another seed gives another curve."
     m = T.run_pretraining({**RUN, 'run_dir': str(tmp_path / 'seed8'), 'seed': 8, 'steps': 2, 'eval_every': 0}, log=QUIET)
-    assert m['train_loss_start'] != crashed['ref_metrics']['train_loss_start']
+    assert m['results']['train_loss_start'] != crashed['ref_metrics']['results']['train_loss_start']
 
 
 # ======================================================================================================================
@@ -1038,7 +1040,7 @@ def test_yaml_presets_and_parameter_files_cannot_run_code(tmp_path):
     marker = tmp_path / 'CODE_RAN'
     evil = tmp_path / 'evil.yaml'
     evil.write_text(f"steps: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
-    for f in (lambda: T.load_preset(str(evil)), lambda: R.load_preset(str(evil)), lambda: T.main(['-f', str(evil)]),
+    for f in (lambda: PT.load_preset(str(evil)), lambda: R.load_preset(str(evil)), lambda: T.main(['-f', str(evil)]),
               lambda: R.main(['pretrain', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')])):
         with pytest.raises(yaml.constructor.ConstructorError): f()
     assert not marker.exists() and not (tmp_path / 'runs').exists()

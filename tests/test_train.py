@@ -6,8 +6,8 @@ import nbformat
 from concept_nb.core import ParamError
 from concept_nb.heads import load_model
 from concept_nb.checkpoints import latest_checkpoint, list_checkpoints, resume_point
-from concept_nb.train import (PRETRAIN_DEFAULTS, NonFiniteLossError, TrainConfig, build_pretraining, list_presets,
-                              load_preset, main, resolve_params, run_pretraining, train)
+from concept_nb.pretrain import PRETRAIN_DEFAULTS, build_pretraining, list_presets, load_preset, resolve_params
+from concept_nb.train import NonFiniteLossError, TrainConfig, main, run_pretraining, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -110,7 +110,8 @@ DDP_SCRIPT = textwrap.dedent('''
     import json, sys, torch
     from pathlib import Path
     from accelerate import PartialState
-    from concept_nb.train import resolve_params, build_pretraining, train, TrainConfig
+    from concept_nb.pretrain import resolve_params, build_pretraining
+    from concept_nb.train import train, TrainConfig
     out = Path(sys.argv[1])
     state = PartialState(cpu=True)
     P = resolve_params(dict(hidden_size=32, concept_num=4, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -185,7 +186,7 @@ def test_params_validation_and_presets():
 def test_notebook_parameters_are_the_defaults():
     "The literal papermill cell of 90_pretrain equals `PretrainParams`: names (in order), types and defaults."
     import papermill as pm
-    from concept_nb.train import PRETRAIN_SPECS
+    from concept_nb.pretrain import PRETRAIN_SPECS
     declared = pm.inspect_notebook(str(ROOT / 'nbs' / '90_pretrain.ipynb'))
     assert list(declared) == list(PRETRAIN_SPECS) and set(PRETRAIN_SPECS) == set(PRETRAIN_DEFAULTS)
     for k, v in declared.items():
@@ -196,7 +197,7 @@ def test_notebook_parameters_are_the_defaults():
 
 def test_one_default_per_parameter():
     "Issue 15: TrainConfig took lr 1e-3 and wandb 'disabled' while the run notebook said 2e-3 and 'offline'."
-    from concept_nb.train import PretrainParams, PRETRAIN_RULES
+    from concept_nb.pretrain import PretrainParams, PRETRAIN_RULES
     cfg, p = TrainConfig(), PretrainParams()
     for k in ('lr', 'wandb_mode', 'steps', 'warmup_steps', 'eval_every', 'save_every', 'log_every', 'cpu_threads'):
         assert getattr(cfg, k) == getattr(p, k) == PRETRAIN_DEFAULTS[k], k
