@@ -342,6 +342,7 @@ RUN = dict(hidden_size=32, concept_num=4, num_hidden_layers=1, num_attention_hea
 CHILD = textwrap.dedent('''
     import os, sys, time, signal, torch
     import concept_nb.train as T
+    import concept_nb.pretrain as PT
     mode = sys.argv[1]
     batch = PT.BatchStream.batch
     def slow_batch(self, g, *a, **k):
