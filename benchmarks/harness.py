@@ -8,8 +8,7 @@ from concept_nb.config import ConceptEncoderConfig
 from concept_nb.encoder import ConceptEncoder
 from concept_nb.heads import build_model, noise_tokens
 from concept_nb.flops import ENCODER_MODES, TSDAE_DELETION, Shape, get_shape, peak_tflops
-try: from concept_nb.core import run_environment     # after the issue-15 split
-except ImportError: from concept_nb.config import run_environment
+from concept_nb.core import run_environment
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4    # the embedded tokenizer's special ids; random ids start at 5
 MAX_SHARE = 1.10    # a measured speed-up above 110% of the FLOP ideal is an artefact until explained

@@ -11,22 +11,23 @@ import yaml, nbformat
 import pandas as pd
 import matplotlib
 from matplotlib.figure import Figure
-from .config import ParamError, check_params, atomic_write_json, atomic_write_text, reserve_run_dir, upgrade_record_keys
-from .docs import repo_root
+from .core import (ParamError, check_params, atomic_write_json, atomic_write_text, reserve_run_dir, repo_root,
+                             parse_value)
+from .records import (DATE_RE, SCHEMA_VERSION, TOP_KEYS, safe_name, task_list, source_run_of, default_run_name,
+                                upgrade_record)
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'RULES', 'PRESET_TABLES', 'INLINE_BACKEND', 'TASK_NAMES', 'METRIC_NAMES', 'KEY_METRIC',
            'REGISTRY_COLUMNS', 'SEED_PRETRAIN', 'MAIN_GLUE_TASKS', 'GLUE_DIRS', 'project_root', 'template_path',
-           'list_presets', 'load_preset', 'declared_params', 'type_names', 'parse_value', 'module_rules', 'cross_check',
-           'resolve_params', 'task_list', 'source_run_of', 'default_run_name', 'RunFailed', 'run_notebook',
-           'metrics_from_notebook', 'flatten', 'canon_task', 'canon_metric', 'glue_scores', 'glue_protocol',
-           'glue_control', 'read_run', 'load_registry', 'md_table', 'linked_glue', 'experiment_log',
-           'write_experiment_log', 'glue_baselines', 'compare_tables', 'compare', 'plot_compare', 'plot_rank_vs_glue',
-           'available_glue_tasks', 'headline', 'main']
+           'list_presets', 'load_preset', 'declared_params', 'type_names', 'module_rules', 'cross_check',
+           'resolve_params', 'RunFailed', 'run_notebook', 'metrics_from_notebook', 'flatten', 'canon_task',
+           'canon_metric', 'glue_scores', 'glue_protocol', 'glue_control', 'read_run', 'load_registry', 'md_table',
+           'linked_glue', 'experiment_log', 'write_experiment_log', 'glue_baselines', 'compare_tables', 'compare',
+           'plot_compare', 'plot_rank_vs_glue', 'available_glue_tasks', 'headline', 'main']
 
 # %% ../nbs/09_runs.ipynb #10376d0e
 TEMPLATES = {'pretrain': '90_pretrain.ipynb', 'glue': '91_glue.ipynb'}
-RULES = {'pretrain': ('concept_nb.train', 'PRETRAIN_RULES'), 'glue': ('concept_nb.glue', 'GLUE_RULES')}
+RULES = {'pretrain': ('concept_nb.pretrain', 'PRETRAIN_RULES'), 'glue': ('concept_nb.glue', 'GLUE_RULES')}
 
 def project_root(root=None) -> Path:
     "The repository root: above `root`, else above the working directory, else above this package."
@@ -142,15 +143,6 @@ def _is_type(v, name:str) -> bool:
     if name in ('list', 'tuple'): return isinstance(v, (list, tuple))
     return isinstance(v, {'str': str, 'bool': bool, 'dict': dict}[name])
 
-def parse_value(raw:str # a command-line value
-               ):
-    "Type `raw` like papermill's `-p`: True/False/None, int, float, else the string."
-    if raw in ('True', 'False'): return raw == 'True'
-    if raw == 'None': return None
-    for f in (int, float):
-        try: return f(raw)
-        except ValueError: pass
-    return raw
 
 # %% ../nbs/09_runs.ipynb #25dcfd44
 _NOVAL = object()
@@ -180,7 +172,7 @@ def cross_check(kind:str, # 'pretrain' or 'glue'
     "The templates' own cross-parameter checks, run before any work (`ParamError` on a conflict)."
     try:
         if kind == 'pretrain':
-            from concept_nb.train import resolve_params as rp
+            from concept_nb.pretrain import resolve_params as rp
             rp({**full, 'preset': '', 'run_name': full.get('run_name') or 'check', 'run_dir': full.get('run_dir') or '-'},
                log=lambda *a, **k: None)
         elif kind == 'glue':
@@ -222,55 +214,6 @@ def resolve_params(kind:str, # 'pretrain' or 'glue' (selects the rules)
     check_params(full, single, module_rules(kind) if rules is None else rules)
     if rules is None: cross_check(kind, full)
     return inject, full
-
-# %% ../nbs/09_runs.ipynb #3fa34f14
-_DATE_RE = re.compile(r'^(\d{4}-\d{2}-\d{2})_(.+)$')
-
-def _safe_name(s:str) -> str: return re.sub(r'[^\w.+=-]+', '_', str(s)).strip('._') or 'run'
-
-def _pick(d:Mapping, *names, default=None):
-    for n in names:
-        if d.get(n) not in (None, ''): return d[n]
-    return default
-
-def task_list(tasks) -> list[str]:
-    "Tasks from a comma-separated string or a list, lower-cased, in the given order."
-    if tasks is None: return []
-    items = tasks.split(',') if isinstance(tasks, str) else list(tasks)
-    return [str(t).strip().lower() for t in items if str(t).strip()]
-
-def source_run_of(checkpoint:str # a run record, a folder inside one, a model folder or a hub id
-                 ) -> str:
-    "Name of the pretraining run a checkpoint comes from (its `<date>_<run_name>` folder), else its folder/hub name."
-    p = Path(str(checkpoint))
-    if p.suffix == '.ipynb': p = p.parent/p.stem
-    for q in (p, *p.parents):
-        m = _DATE_RE.match(q.name)
-        if m: return m.group(2)
-    parts = [x for x in p.parts if x not in ('/', '.', '..')]
-    while len(parts) > 1 and (parts[-1] in ('model', 'checkpoints') or re.fullmatch(r'(step|checkpoint)-\d+', parts[-1])):
-        parts.pop()
-    return _safe_name(parts[-1] if parts else str(checkpoint))
-
-def default_run_name(kind:str, # 'pretrain' or 'glue'
-                     params:Mapping, # complete parameter set
-                     now:dt.datetime|None=None # timestamp (default: now)
-                    ) -> str:
-    "Run name from the parameters: upstream's pretraining pattern, or `glue-<tasks>-<source run>`."
-    now = now or dt.datetime.now()
-    if kind == 'glue':
-        ts = task_list(params.get('tasks'))
-        tag = '-'.join(ts) if 0 < len(ts) <= 3 else f'{len(ts)}tasks' if ts else 'tasks'
-        return _safe_name(f"glue-{tag}-{source_run_of(params.get('checkpoint') or 'checkpoint')}")
-    try: from concept_nb.train import run_name_for
-    except ImportError: run_name_for = None
-    if run_name_for is not None and {'model_type', 'hidden_size', 'num_hidden_layers', 'concept_num'} <= set(params):
-        return _safe_name(run_name_for(params['model_type'], dict(params), now=now))
-    mt = _pick(params, 'model_type', 'model', default=kind)
-    H = _pick(params, 'hidden_size', 'H', default='?')
-    L = _pick(params, 'num_hidden_layers', 'num_layers', 'L', default='?')
-    C = _pick(params, 'concept_num', 'num_concepts', 'C', default='?')
-    return _safe_name(f"{mt}_H{H}L{L}C{C}_{now:%Y%m%d_%H%M%S}")
 
 # %% ../nbs/09_runs.ipynb #f01fa9d3
 INLINE_BACKEND = 'module://matplotlib_inline.backend_inline'
@@ -315,7 +258,7 @@ def run_notebook(kind:str, # 'pretrain' or 'glue'
     template = Path(template).resolve() if template else template_path(kind, root)
     inject, full = resolve_params(kind, params, preset, template, rules, root)
     now = now or dt.datetime.now()
-    name = _safe_name(inject.get('run_name') or default_run_name(kind, full, now))
+    name = safe_name(inject.get('run_name') or default_run_name(kind, full, now))
     run_dir, name = reserve_run_dir(runs_dir, name, now.date().isoformat())
     run_dir = run_dir.resolve()
     record = run_dir.parent/f"{run_dir.name}.ipynb"
@@ -517,13 +460,20 @@ def _run_status(nb, pm_meta, cell, mj, rj=None) -> tuple[str, str|None]:
     if ms == 'running' and not cell: return 'incomplete', 'finished without final metrics'
     return 'completed', None
 
+def _metrics_view(m:dict, kind:str, params:dict) -> dict:
+    "Pretraining: the record in the current schema (`records.upgrade_record`); GLUE: its `glue` section, flat."
+    if not m: return {}
+    if kind != 'glue': return upgrade_record(m, params, kind if kind in ('pretrain',) else None)
+    if m.get('schema') != SCHEMA_VERSION: return m
+    return {**(m.get('glue') or {}), **{k: m[k] for k in TOP_KEYS if k in m and k != 'schema'}}
+
 def read_run(path # a record (.ipynb) or its run folder
             ) -> dict:
     "Everything a run record says, as one flat dict; damaged records come back with status 'incomplete'."
     p = Path(path)
     if p.suffix == '.ipynb': record, run_dir = p, p.parent/p.stem
     else: run_dir, record = p, p.parent/f"{p.name}.ipynb"
-    m = _DATE_RE.match(run_dir.name)
+    m = DATE_RE.match(run_dir.name)
     date, name = (m.group(1), m.group(2)) if m else (None, run_dir.name)
     nb, problem = None, None
     if record.exists():
@@ -534,11 +484,11 @@ def read_run(path # a record (.ipynb) or its run folder
     cell = metrics_from_notebook(nb) if nb is not None else None
     mj, pj, rj = (_read_json(run_dir/f) for f in ('metrics.json', 'params.json', 'run.json'))
     cfg = _read_json(run_dir/'model'/'config.json') or _read_json(run_dir/'config.json') or {}
-    metrics = upgrade_record_keys({**(mj or {}), **(cell or {})})   # old records: eval_nelbo -> eval_recon_nelbo
+    kind = _kind_of(rj, pm_meta, params)
+    metrics = _metrics_view({**(mj or {}), **(cell or {})}, kind, {**((pj or {}).get('params') or {}), **params})
     status, err = _run_status(nb, pm_meta, cell, mj, rj)
     if problem and status != 'failed': status, err = 'incomplete', problem
     if status == 'completed' and metrics.get('status') == 'failed': status = 'failed'
-    kind = _kind_of(rj, pm_meta, params)
     declared = {k: v for k, d in (_ast_params(nb) if nb is not None else {}).items() if (v := _literal(d['default'])) is not _NOVAL}
     pview = {**flatten(cfg), **declared, **flatten((rj or {}).get('resolved')), **flatten(pj),
              **flatten((rj or {}).get('parameters')), **flatten(params)}
@@ -595,7 +545,7 @@ def _record_ids(runs_dir:Path) -> list[str]:
     for p in runs_dir.iterdir():
         if p.name[:1] in ('_', '.'): continue
         stem = p.stem if p.suffix == '.ipynb' and p.is_file() else p.name if p.is_dir() else None
-        if stem and _DATE_RE.match(stem): ids.add(stem)
+        if stem and DATE_RE.match(stem): ids.add(stem)
     return sorted(ids)
 
 def _link_sources(df:pd.DataFrame):
@@ -624,8 +574,8 @@ def load_registry(runs_dir='runs' # folder of run records
         for rid in _record_ids(runs_dir):
             try: rows.append(read_run(runs_dir/rid))
             except Exception as e:
-                rows.append(dict(run_id=rid, date=_DATE_RE.match(rid).group(1), kind='unknown', status='incomplete',
-                                 run_name=_DATE_RE.match(rid).group(2), error=f"{type(e).__name__}: {e}", glue={}, glue_best={}))
+                rows.append(dict(run_id=rid, date=DATE_RE.match(rid).group(1), kind='unknown', status='incomplete',
+                                 run_name=DATE_RE.match(rid).group(2), error=f"{type(e).__name__}: {e}", glue={}, glue_best={}))
     rows.sort(key=_sort_key)
     df = pd.DataFrame(rows, columns=REGISTRY_COLUMNS)
     for c in ('glue', 'glue_best', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config'):

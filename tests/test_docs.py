@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest, yaml
 
-from concept_nb.docs import build_docs, repo_root
+from concept_nb.core import repo_root
+from concept_nb.docs import build_docs
 
 ROOT = repo_root(Path(__file__))
 CHROMIUM = next((shutil.which(b) for b in ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')

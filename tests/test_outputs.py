@@ -6,7 +6,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import nbformat, pytest
 
-from concept_nb.docs import _output_nbs, execute_notebook, notebooks_with_outputs, output_digest, repo_root
+from concept_nb.core import repo_root
+from concept_nb.docs import _output_nbs, execute_notebook, notebooks_with_outputs, output_digest
 
 NBS = repo_root(__file__)/'nbs'
 # Module notebooks being split on other branches of issue 15: after merging, the integrator runs `make outputs` on
