@@ -42,16 +42,16 @@ test-py: install browser
 test: sync-check test-nbs test-py
 
 run: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs main
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/concept-nb main
 
 experiment-log: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs experiment-log
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/concept-nb experiment-log
 
 docs: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs docs
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/concept-nb docs
 
 bench: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.bench all
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/concept-nb bench all
 
 export: install
 	$(BIN)/nbdev_export

@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest, yaml
 
 from concept_nb.docs import build_site, repo_root, site_pages, sidebar_yml
-from concept_nb.runs import main
+from concept_nb.cli import main
 
 ROOT = repo_root(Path(__file__))
 CHROMIUM = next((shutil.which(b) for b in ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')
                  if shutil.which(b)), None)
-# The home page and one API page: 09_runs documents its API with show_doc tables and draws matplotlib figures.
-NOTEBOOKS = ['index.ipynb', '09_runs.ipynb']
+# The home page and one API page: 14_report documents its API with show_doc tables and draws matplotlib figures.
+NOTEBOOKS = ['index.ipynb', '14_report.ipynb']
 
 
 @pytest.fixture(scope='module')
@@ -37,8 +37,8 @@ def _dom(page:Path, tmp) -> str:
 
 
 def test_site_files(site):
-    assert sorted(p.name for p in site.iterdir()) == ['index.html', 'runs.html', 'site.css']
-    html = (site/'runs.html').read_text()
+    assert sorted(p.name for p in site.iterdir()) == ['index.html', 'report.html', 'site.css']
+    html = (site/'report.html').read_text()
     assert '<script src="http' not in html and '<link rel="stylesheet" href="http' not in html   # works offline
     assert 'build-warning' not in html
 
@@ -47,12 +47,12 @@ def test_home_page_renders(site, tmp_path):
     dom = _dom(site/'index.html', tmp_path)
     assert '<title>concept_nb – concept_nb</title>' in dom
     assert 'make run' in dom and 'make test' in dom                       # the README content
-    assert 'href="runs.html"' in dom                                      # sidebar
+    assert 'href="report.html"' in dom                                      # sidebar
     assert 'data-images-ok=' in dom and 'data-tables=' in dom             # the page's load handler ran
 
 
 def test_api_page_renders_tables_and_plot(site, tmp_path):
-    dom = _dom(site/'runs.html', tmp_path)
+    dom = _dom(site/'report.html', tmp_path)
     body = re.search(r'<body[^>]*>', dom).group(0)
     n_img, n_tab = (int(re.search(rf'{k}="(\d+)"', body).group(1)) for k in ('data-images-ok', 'data-tables'))
     assert n_img >= 2, 'the plot_compare and plot_rank_vs_glue figures decoded in the browser'
@@ -64,7 +64,7 @@ def test_api_page_renders_tables_and_plot(site, tmp_path):
     assert 'Details' in m.group(1) and 'runs_dir' in m.group(1) and 'folder of run records' in m.group(1)
     assert 'id="read_run"' in dom and 'id="experiment_log"' in dom
     shot = tmp_path/'runs.png'
-    r = _browser(f'--screenshot={shot}', '--window-size=1280,1800', (site/'runs.html').as_uri(), tmp=tmp_path)
+    r = _browser(f'--screenshot={shot}', '--window-size=1280,1800', (site/'report.html').as_uri(), tmp=tmp_path)
     assert r.returncode == 0 and shot.exists(), r.stderr[-2000:]
     from PIL import Image
     im = Image.open(shot).convert('RGB')
@@ -74,13 +74,13 @@ def test_api_page_renders_tables_and_plot(site, tmp_path):
 def test_pages_and_quarto_config():
     pages = site_pages(ROOT)
     by_src = {p['src']: p for p in pages}
-    assert by_src['index.ipynb']['file'] == 'index.html' and by_src['09_runs.ipynb']['section'] == 'API'
-    assert by_src['09_runs.ipynb']['file'] == 'runs.html'
+    assert by_src['index.ipynb']['file'] == 'index.html' and by_src['14_report.ipynb']['section'] == 'API'
+    assert by_src['14_report.ipynb']['file'] == 'report.html'
     for nb in ('90_pretrain.ipynb', '91_glue.ipynb', '92_report.ipynb'):
         if nb in by_src: assert by_src[nb]['section'] == 'Tutorials', nb
     assert len({p['file'] for p in pages}) == len(pages), 'no two notebooks share a page'
-    if {'08_glue.ipynb', '91_glue.ipynb'} <= set(by_src):
-        assert (by_src['08_glue.ipynb']['file'], by_src['91_glue.ipynb']['file']) == ('glue.html', '91_glue.html')
+    if {'11_glue.ipynb', '91_glue.ipynb'} <= set(by_src):
+        assert (by_src['11_glue.ipynb']['file'], by_src['91_glue.ipynb']['file']) == ('glue.html', '91_glue.html')
     nbs = ROOT/'nbs'
     q = yaml.safe_load((nbs/'_quarto.yml').read_text())
     assert q['project']['type'] == 'website' and 'sidebar.yml' in q['metadata-files']

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
 import concept_nb.train as T
-from concept_nb import glue as G, runs as R
+from concept_nb import glue as G
+from concept_nb import runs as R, registry as RG, report as RP, cli as CLI
 from concept_nb.collators import (DiffusionCollator, IGNORE_INDEX, MaskedReconstructionCollator, MLMCollator,
                                   PrefixDiffusionCollator, TSDAECollator)
 from concept_nb.config import ParamError, atomic_write_json, atomic_write_text
@@ -180,7 +181,7 @@ def test_bad_parameter_stops_before_any_work(case, tmp_path, capsys):
     runs = tmp_path / 'runs'
     extra = ['--checkpoint', ''] if case.kind == 'glue' else []
     capsys.readouterr()
-    assert R.main([case.kind, *extra, *cli_args(case.params), '--runs-dir', str(runs)]) == 2
+    assert CLI.main([case.kind, *extra, *cli_args(case.params), '--runs-dir', str(runs)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f'concept-nb {case.kind}: bad parameter:'), err
     _check_message(err[0], case)
@@ -203,7 +204,7 @@ def test_valid_edge_values_are_accepted(kind, params, tmp_path):
 
 
 def test_cli_unknown_preset_option(tmp_path, capsys):
-    assert R.main(['pretrain', '--preset', 'cpu-smal', '--runs-dir', str(tmp_path / 'runs')]) == 2
+    assert CLI.main(['pretrain', '--preset', 'cpu-smal', '--runs-dir', str(tmp_path / 'runs')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown preset 'cpu-smal'" in err[0] and "did you mean 'cpu-small'" in err[0]
     assert not (tmp_path / 'runs').exists()
@@ -265,7 +266,7 @@ def test_missing_pretraining_paths_rejected_before_work(params, tmp_path):
 
 
 def test_missing_glue_checkpoint_rejected_before_work(tmp_path, capsys):
-    assert R.main(['glue', '--checkpoint', '/no/such/run', '--runs-dir', str(tmp_path / 'runs')]) == 2
+    assert CLI.main(['glue', '--checkpoint', '/no/such/run', '--runs-dir', str(tmp_path / 'runs')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'checkpoint'" in err[0] and 'does not exist' in err[0]
     assert not (tmp_path / 'runs').exists()
@@ -700,11 +701,11 @@ def test_half_written_records_are_incomplete_not_a_crash(template, tmp_path):
     r, f = copy('metrics_not_an_object'); _truncate(r, 0.3); (f / 'metrics.json').write_text('[1, 2]')
     r, f = copy('garbage_sidecars')                              # the record itself is fine
     for name in ('run.json', 'params.json'): (f / name).write_bytes(b'\xff{not json')
-    reg = R.load_registry(runs).set_index('run_id')
+    reg = RG.load_registry(runs).set_index('run_id')
     status = reg.status.to_dict()
     assert status.pop('2026-03-01_garbage_sidecars') == 'completed'
     assert len(status) == 7 and set(status.values()) == {'incomplete'}, status
-    assert R.write_experiment_log(runs).exists()
+    assert RP.write_experiment_log(runs).exists()
 
 
 def test_killed_papermill_run_is_incomplete(template, tmp_path):
@@ -730,7 +731,7 @@ def test_killed_papermill_run_is_incomplete(template, tmp_path):
             except ProcessLookupError: pass
     finally:
         if p.poll() is None: p.kill(); p.wait()
-    row = R.load_registry(runs).iloc[0]
+    row = RG.load_registry(runs).iloc[0]
     assert row.run_id.endswith('_killed') and row.status == 'incomplete', row.status
 
 
@@ -1038,7 +1039,7 @@ def test_yaml_presets_and_parameter_files_cannot_run_code(tmp_path):
     evil = tmp_path / 'evil.yaml'
     evil.write_text(f"steps: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
     for f in (lambda: T.load_preset(str(evil)), lambda: R.load_preset(str(evil)), lambda: T.main(['-f', str(evil)]),
-              lambda: R.main(['pretrain', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')])):
+              lambda: CLI.main(['pretrain', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')])):
         with pytest.raises(yaml.constructor.ConstructorError): f()
     assert not marker.exists() and not (tmp_path / 'runs').exists()
 
