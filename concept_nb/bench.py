@@ -8,7 +8,8 @@ import argparse, contextlib, ctypes, gc, json, math, os, platform, statistics, s
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 import torch, torch.nn as nn
-from .config import ConceptEncoderConfig, atomic_write_json, run_environment
+from .config import ConceptEncoderConfig
+from .core import atomic_write_json, run_environment, resolve_device, repo_root
 from .encoder import ConceptEncoder
 from .heads import build_model, noise_tokens
 
@@ -16,8 +17,8 @@ from .heads import build_model, noise_tokens
 __all__ = ['SHAPES', 'ENCODER_MODES', 'STEP_MODELS', 'TSDAE_DELETION', 'PEAK_TFLOPS', 'PAD', 'UNK', 'CLS', 'SEP', 'MASK',
            'ENCODER_COLUMNS', 'STEP_COLUMNS', 'PACKING_COLUMNS', 'GPU_COLUMNS', 'BENCHMARKS', 'COLUMNS', 'Shape',
            'get_shape', 'add_ratios', 'format_table', 'forward_flops', 'flop_ratio', 'ideal_table', 'peak_tflops',
-           'machine_info', 'resolve_device', 'torch_threads', 'time_call', 'interleaved_times', 'rss_peak_supported',
-           'peak_memory', 'concept_config', 'bert_config', 'make_encoder', 'make_step_model', 'n_params', 'mlm_batch',
+           'machine_info', 'torch_threads', 'time_call', 'interleaved_times', 'rss_peak_supported', 'peak_memory',
+           'concept_config', 'bert_config', 'make_encoder', 'make_step_model', 'n_params', 'mlm_batch',
            'masked_reconstruction_batch', 'tsdae_batch', 'diffusion_batch', 'step_batch', 'check_targets',
            'format_targets', 'encoder_bench', 'step_breakdown', 'step_bench', 'packing_bench', 'gpu_bench',
            'run_benchmark', 'report', 'default_out', 'main']
@@ -193,13 +194,6 @@ def machine_info(device:str='cpu') -> dict:
     return info
 
 # %% ../nbs/12_bench.ipynb #e502e65d
-def resolve_device(device:str|None='auto') -> torch.device:
-    "'auto' (or None): CUDA when available, else CPU."
-    if device in (None, 'auto'): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    d = torch.device(device)
-    if d.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device={device!r}: CUDA is not available here")
-    return d
-
 @contextlib.contextmanager
 def torch_threads(n:int|None):
     "Run the block with `torch.set_num_threads(n)` (None: unchanged), restoring the previous count afterwards."
@@ -701,7 +695,6 @@ def report(res:dict) -> str:
 def default_out(name:str, quick:bool=False, device:str='cpu') -> Path:
     "benchmarks/results/<name>[-cuda][-quick].json under the repository root (or the working directory)."
     try:
-        from concept_nb.docs import repo_root
         root = repo_root()
     except (ImportError, FileNotFoundError): root = Path.cwd()
     suffix = ('-cuda' if torch.device(device).type == 'cuda' and name in ('encoder', 'step') else '') + ('-quick' if quick else '')

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os, re, sys, json, argparse, logging, subprocess
 from pathlib import Path
 from typing import Sequence
-from .config import ParamError, atomic_write_text
+from .core import ParamError, atomic_write_text, repo_root
 from .runs import (RunFailed, declared_params, list_presets, parse_value, project_root, resolve_params,
                              run_notebook, task_list, template_path, type_names)
 from .registry import read_run

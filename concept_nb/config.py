@@ -4,15 +4,11 @@
 
 # %% ../nbs/00_config.ipynb #d4b1d9b1
 from __future__ import annotations
-import os, json, difflib, socket, subprocess, tempfile, platform, types
-from pathlib import Path
 from transformers import PretrainedConfig
 
 # %% auto #0
-__all__ = ['POSITION_TYPES', 'DECODER_TYPES', 'CLASSIFIER_HEADS', 'ELBO_WEIGHTINGS', 'RENAMED_RECORD_KEYS',
-           'ConceptEncoderConfig', 'register_auto_classes', 'ParamError', 'check_params', 'validate_params',
-           'atomic_write_text', 'atomic_write_json', 'reserve_run_dir', 'git_info', 'run_environment',
-           'upgrade_record_keys']
+__all__ = ['POSITION_TYPES', 'DECODER_TYPES', 'CLASSIFIER_HEADS', 'ELBO_WEIGHTINGS', 'ConceptEncoderConfig',
+           'register_auto_classes']
 
 # %% ../nbs/00_config.ipynb #cc7a27ce
 POSITION_TYPES = ('none', 'sinusoidal', 'learned')
@@ -130,112 +126,3 @@ def register_auto_classes():
     except ValueError: pass  # already registered
 
 register_auto_classes()
-
-# %% ../nbs/00_config.ipynb #5f695313
-class ParamError(ValueError):
-    "A run parameter is unknown, of the wrong type or out of range."
-
-_IPY_NAMES = {'In', 'Out', 'get_ipython', 'exit', 'quit', 'open'}
-_OPS = {'>': lambda a, b: a > b, '>=': lambda a, b: a >= b, '<': lambda a, b: a < b, '<=': lambda a, b: a <= b}
-
-def _type_ok(v, t) -> bool:
-    t = {'str': str, 'int': int, 'float': float, 'bool': bool, 'list': list, 'dict': dict}.get(t, t) if isinstance(t, str) else t
-    if t is float: return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if t is int: return isinstance(v, int) and not isinstance(v, bool)
-    return isinstance(v, t) if isinstance(t, type) else True
-
-def check_params(params:dict, declared:dict, rules:dict|None=None) -> dict:
-    "Validate `params` against `declared` types (name -> type or type name) and `rules`; raise `ParamError`."
-    for k in params:
-        if k not in declared:
-            close = difflib.get_close_matches(k, list(declared), n=1)
-            raise ParamError(f"unknown parameter {k!r}" + (f" (did you mean {close[0]!r}?)" if close else '')
-                             + f"; valid: {', '.join(sorted(declared))}")
-    for k, v in params.items():
-        t = declared[k]
-        if not _type_ok(v, t):
-            tn = t if isinstance(t, str) else getattr(t, '__name__', str(t))
-            hint = " (papermill turns numeric-looking -p values into numbers: pass strings with -r)" if tn == 'str' else ''
-            raise ParamError(f"parameter {k!r} must be {tn}, got {type(v).__name__} {v!r}{hint}")
-    for k, rule in (rules or {}).items():
-        if k not in params: continue
-        v = params[k]
-        if isinstance(rule, tuple) and len(rule) == 2 and rule[0] in _OPS:
-            if not _OPS[rule[0]](v, rule[1]): raise ParamError(f"parameter {k!r} must be {rule[0]} {rule[1]}, got {v!r}")
-        elif callable(rule):
-            msg = rule(v)
-            if msg: raise ParamError(f"parameter {k!r}: {msg}")
-        elif v not in rule:
-            close = difflib.get_close_matches(str(v), [str(r) for r in rule], n=1)
-            raise ParamError(f"parameter {k!r}: {v!r} is not one of {sorted(map(str, rule))}"
-                             + (f" (did you mean {close[0]!r}?)" if close else ''))
-    return params
-
-def validate_params(ns:dict, rules:dict|None=None) -> dict:
-    "Collect and check the parameters of a notebook namespace (`globals()`) declared as `name: type = value`."
-    declared = dict(ns.get('__annotations__', {}))
-    params = {k: v for k, v in ns.items() if not k.startswith('_') and k not in _IPY_NAMES
-              and not callable(v) and not isinstance(v, types.ModuleType)}
-    return check_params(params, declared, rules)
-
-# %% ../nbs/00_config.ipynb #4b07d214
-def atomic_write_text(path, text:str):
-    "Write `text` to `path` atomically (temporary file in the same folder + fsync + rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f: f.write(text); f.flush(); os.fsync(f.fileno())
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-
-def atomic_write_json(path, obj):
-    "Write `obj` as indented JSON to `path` atomically."
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + '\n')
-
-def reserve_run_dir(runs_dir, # folder of run records
-                    run_name:str, # wanted run name
-                    date:str|None=None # YYYY-MM-DD (default: today)
-                   ) -> tuple[Path, str]:
-    "Atomically create `runs_dir/<date>_<run_name>/`, adding -2, -3, ... when taken; returns (folder, final run name)."
-    import datetime
-    runs_dir = Path(runs_dir); runs_dir.mkdir(parents=True, exist_ok=True)
-    date = date or datetime.date.today().isoformat()
-    for i in range(1, 10_000):
-        name = run_name if i == 1 else f"{run_name}-{i}"
-        d = runs_dir / f"{date}_{name}"
-        if (runs_dir / f"{d.name}.ipynb").exists(): continue
-        try: d.mkdir(exist_ok=False)              # atomic: of two racing processes exactly one succeeds
-        except FileExistsError: continue
-        return d, name
-    raise RuntimeError(f"no free run folder for {run_name!r} in {runs_dir}")
-
-def git_info(path='.') -> dict:
-    "Commit, branch and dirty flag of the git checkout containing `path` (empty values outside git)."
-    def g(*a):
-        try: return subprocess.run(['git', *a], cwd=path, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception: return ''
-    return dict(git_commit=g('rev-parse', 'HEAD'), git_branch=g('rev-parse', '--abbrev-ref', 'HEAD'),
-                git_dirty=bool(g('status', '--porcelain', '--untracked-files=no')))
-
-def run_environment() -> dict:
-    "Machine, device and package versions of the current process."
-    import torch, transformers, concept_nb
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'
-    return dict(hostname=socket.gethostname(), platform=platform.platform(), python=platform.python_version(),
-                torch=torch.__version__, transformers=transformers.__version__, concept_nb=concept_nb.__version__,
-                device=dev, cpu_count=os.cpu_count(), **git_info(Path(concept_nb.__file__).parent))
-
-# %% ../nbs/00_config.ipynb #a3c1e0f2
-RENAMED_RECORD_KEYS = {'nelbo': 'recon_nelbo', 'eval_nelbo': 'eval_recon_nelbo',
-                       'train_nelbo_end': 'train_recon_nelbo_end'}
-
-def upgrade_record_keys(record:dict) -> dict:
-    "A copy of a history / metrics record with old key names renamed (`RENAMED_RECORD_KEYS`); current keys win."
-    out = {RENAMED_RECORD_KEYS.get(k, k): v for k, v in record.items() if k not in RENAMED_RECORD_KEYS}
-    for old, new in RENAMED_RECORD_KEYS.items():
-        if old in record and new not in out: out[new] = record[old]
-    return out

@@ -12,6 +12,7 @@ import numpy as np
 import datasets
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from .core import atomic_write_text
 
 # %% auto #0
 __all__ = ['EMBEDDED_WHEELS', 'EMBEDDED_SOURCES', 'DEFAULT_EMBEDDED_SOURCES', 'SPECIAL_TOKENS', 'TOKENIZER_KINDS',
@@ -139,10 +140,6 @@ def _check_sources(sources) -> tuple:
     if bad or not sources: raise ValueError(f"sources={sources!r}: expected a non-empty subset of {list(EMBEDDED_SOURCES)}")
     return sources
 
-def _write_atomic(path:Path, text:str):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding='utf-8'); os.replace(tmp, path)
-
 def build_embedded_corpus(force:bool=False, # rebuild even if the cached corpus exists
                           sources:Sequence[str]=DEFAULT_EMBEDDED_SOURCES, # subset of `EMBEDDED_SOURCES`
                          ) -> Path:
@@ -166,9 +163,9 @@ def build_embedded_corpus(force:bool=False, # rebuild even if the cached corpus 
     val = holdout_mask([t for _, t in docs])
     lines = [json.dumps(dict(text=t, source=s, split='validation' if v else 'train'), ensure_ascii=False)
              for (s, t), v in zip(docs, val)]
-    _write_atomic(corpus, '\n'.join(lines) + '\n')
+    atomic_write_text(corpus, '\n'.join(lines) + '\n')
     total = dict(docs=len(docs), chars=sum(v['chars'] for v in stats.values()), words=sum(v['words'] for v in stats.values()))
-    _write_atomic(manifest, json.dumps(dict(format=_CORPUS_FORMAT, sources=stats, total=total, wheels=wheels,
+    atomic_write_text(manifest, json.dumps(dict(format=_CORPUS_FORMAT, sources=stats, total=total, wheels=wheels,
         splits=dict(train=int((~val).sum()), validation=int(val.sum())), build_seconds=round(time.time()-t0, 2)), indent=1))
     _corpus_cache.clear()
     return corpus

@@ -7,22 +7,15 @@ from __future__ import annotations
 import os, re, sys, json, html, shutil, inspect
 from pathlib import Path
 import nbformat
-from .config import atomic_write_text
+from .core import atomic_write_text, repo_root
 try: from nbdev.showdoc import BasicMarkdownRenderer
 except ImportError: BasicMarkdownRenderer = object  # nbdev is a dev dependency: the site needs it, the README does not
 
 # %% auto #0
-__all__ = ['SITE_CSS', 'NBDEV_STYLES', 'repo_root', 'notebook_markdown', 'readme_text', 'write_readme', 'param_table',
-           'DocTableRenderer', 'site_pages', 'render_notebook', 'build_site', 'sidebar_yml', 'write_quarto_config']
+__all__ = ['SITE_CSS', 'NBDEV_STYLES', 'notebook_markdown', 'readme_text', 'write_readme', 'param_table', 'DocTableRenderer',
+           'site_pages', 'render_notebook', 'build_site', 'sidebar_yml', 'write_quarto_config']
 
 # %% ../nbs/10_docs.ipynb #ba267995
-def repo_root(start=None) -> Path:
-    "The repository root: the nearest parent holding `settings.ini`."
-    p = Path(start or Path.cwd()).resolve()
-    for q in (p, *p.parents):
-        if (q / 'settings.ini').exists(): return q
-    raise FileNotFoundError(f"no settings.ini above {p}: not inside the concept_nb repository")
-
 def _directives(src:str) -> set:
     return {m.group(1) for m in re.finditer(r'^#\|\s*([\w-]+)', src, re.M)}
 

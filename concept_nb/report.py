@@ -10,7 +10,7 @@ from typing import Sequence, Mapping
 import pandas as pd
 import matplotlib
 from matplotlib.figure import Figure
-from .config import atomic_write_text
+from .core import atomic_write_text
 from .glue import BASELINES, DEFAULT_BASELINES, BASELINE_SOURCES
 from .registry import (TASK_NAMES, METRIC_NAMES, KEY_METRIC, canon_task, canon_metric, glue_scores,
                                  glue_protocol, glue_control, read_run, load_registry)

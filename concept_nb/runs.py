@@ -8,15 +8,14 @@ import os, re, ast, sys, json, socket, difflib, logging, datetime as dt
 from pathlib import Path
 from typing import Sequence, Mapping
 import yaml, nbformat
-from .config import ParamError, check_params, atomic_write_json, reserve_run_dir
-from .docs import repo_root
+from .core import ParamError, check_params, atomic_write_json, reserve_run_dir, repo_root, parse_value
+from .records import safe_name, task_list, source_run_of, default_run_name
 
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'RULES', 'PRESET_TABLES', 'INLINE_BACKEND', 'project_root', 'template_path', 'list_presets',
-           'load_preset', 'declared_params', 'type_names', 'parse_value', 'module_rules', 'cross_check',
-           'resolve_params', 'task_list', 'source_run_of', 'default_run_name', 'RunFailed', 'run_notebook',
-           'metrics_from_notebook']
+           'load_preset', 'declared_params', 'type_names', 'module_rules', 'cross_check', 'resolve_params', 'RunFailed',
+           'run_notebook', 'metrics_from_notebook']
 
 # %% ../nbs/12_runs.ipynb #10376d0e
 TEMPLATES = {'pretrain': '90_pretrain.ipynb', 'glue': '91_glue.ipynb'}
@@ -136,15 +135,6 @@ def _is_type(v, name:str) -> bool:
     if name in ('list', 'tuple'): return isinstance(v, (list, tuple))
     return isinstance(v, {'str': str, 'bool': bool, 'dict': dict}[name])
 
-def parse_value(raw:str # a command-line value
-               ):
-    "Type `raw` like papermill's `-p`: True/False/None, int, float, else the string."
-    if raw in ('True', 'False'): return raw == 'True'
-    if raw == 'None': return None
-    for f in (int, float):
-        try: return f(raw)
-        except ValueError: pass
-    return raw
 
 # %% ../nbs/12_runs.ipynb #25dcfd44
 _NOVAL = object()
@@ -217,55 +207,6 @@ def resolve_params(kind:str, # 'pretrain' or 'glue' (selects the rules)
     if rules is None: cross_check(kind, full)
     return inject, full
 
-# %% ../nbs/12_runs.ipynb #3fa34f14
-_DATE_RE = re.compile(r'^(\d{4}-\d{2}-\d{2})_(.+)$')
-
-def _safe_name(s:str) -> str: return re.sub(r'[^\w.+=-]+', '_', str(s)).strip('._') or 'run'
-
-def _pick(d:Mapping, *names, default=None):
-    for n in names:
-        if d.get(n) not in (None, ''): return d[n]
-    return default
-
-def task_list(tasks) -> list[str]:
-    "Tasks from a comma-separated string or a list, lower-cased, in the given order."
-    if tasks is None: return []
-    items = tasks.split(',') if isinstance(tasks, str) else list(tasks)
-    return [str(t).strip().lower() for t in items if str(t).strip()]
-
-def source_run_of(checkpoint:str # a run record, a folder inside one, a model folder or a hub id
-                 ) -> str:
-    "Name of the pretraining run a checkpoint comes from (its `<date>_<run_name>` folder), else its folder/hub name."
-    p = Path(str(checkpoint))
-    if p.suffix == '.ipynb': p = p.parent/p.stem
-    for q in (p, *p.parents):
-        m = _DATE_RE.match(q.name)
-        if m: return m.group(2)
-    parts = [x for x in p.parts if x not in ('/', '.', '..')]
-    while len(parts) > 1 and (parts[-1] in ('model', 'checkpoints') or re.fullmatch(r'(step|checkpoint)-\d+', parts[-1])):
-        parts.pop()
-    return _safe_name(parts[-1] if parts else str(checkpoint))
-
-def default_run_name(kind:str, # 'pretrain' or 'glue'
-                     params:Mapping, # complete parameter set
-                     now:dt.datetime|None=None # timestamp (default: now)
-                    ) -> str:
-    "Run name from the parameters: upstream's pretraining pattern, or `glue-<tasks>-<source run>`."
-    now = now or dt.datetime.now()
-    if kind == 'glue':
-        ts = task_list(params.get('tasks'))
-        tag = '-'.join(ts) if 0 < len(ts) <= 3 else f'{len(ts)}tasks' if ts else 'tasks'
-        return _safe_name(f"glue-{tag}-{source_run_of(params.get('checkpoint') or 'checkpoint')}")
-    try: from concept_nb.train import run_name_for
-    except ImportError: run_name_for = None
-    if run_name_for is not None and {'model_type', 'hidden_size', 'num_hidden_layers', 'concept_num'} <= set(params):
-        return _safe_name(run_name_for(params['model_type'], dict(params), now=now))
-    mt = _pick(params, 'model_type', 'model', default=kind)
-    H = _pick(params, 'hidden_size', 'H', default='?')
-    L = _pick(params, 'num_hidden_layers', 'num_layers', 'L', default='?')
-    C = _pick(params, 'concept_num', 'num_concepts', 'C', default='?')
-    return _safe_name(f"{mt}_H{H}L{L}C{C}_{now:%Y%m%d_%H%M%S}")
-
 # %% ../nbs/12_runs.ipynb #f01fa9d3
 INLINE_BACKEND = 'module://matplotlib_inline.backend_inline'
 
@@ -309,7 +250,7 @@ def run_notebook(kind:str, # 'pretrain' or 'glue'
     template = Path(template).resolve() if template else template_path(kind, root)
     inject, full = resolve_params(kind, params, preset, template, rules, root)
     now = now or dt.datetime.now()
-    name = _safe_name(inject.get('run_name') or default_run_name(kind, full, now))
+    name = safe_name(inject.get('run_name') or default_run_name(kind, full, now))
     run_dir, name = reserve_run_dir(runs_dir, name, now.date().isoformat())
     run_dir = run_dir.resolve()
     record = run_dir.parent/f"{run_dir.name}.ipynb"

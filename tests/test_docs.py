@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest, yaml
 
-from concept_nb.docs import build_site, repo_root, site_pages, sidebar_yml
+from concept_nb.core import repo_root
+from concept_nb.docs import build_site, site_pages, sidebar_yml
 from concept_nb.cli import main
 
 ROOT = repo_root(Path(__file__))

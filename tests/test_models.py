@@ -205,11 +205,12 @@ def test_recon_nelbo_is_recorded_under_its_name_with_its_t_range(tmp_path):
                  dict(step=1, kind='eval', eval_loss=2.5, eval_nelbo=3.5)])       # records written before the rename
     h.step = 1
     m = run_metrics(h, dict(t_min=0.3, objective='diffusion'))
-    got = m.get('train_recon_nelbo_end'), m.get('eval_recon_nelbo'), m.get('recon_nelbo_t_range')
+    r = m['results']
+    got = r.get('train_recon_nelbo_end'), r.get('eval_recon_nelbo'), r.get('recon_nelbo_t_range')
     assert got == (3., 3.5, [0.3, 1.0])
     d = tmp_path / '2026-11-21_old-diffusion'; d.mkdir()
     (d / 'metrics.json').write_text(json.dumps(dict(status='completed', eval_nelbo=7.1, train_nelbo_end=7.0)))
-    got = read_run(d)['metrics']
+    got = read_run(d)['metrics']['results']
     assert (got.get('eval_recon_nelbo'), got.get('train_recon_nelbo_end')) == (7.1, 7.0)
 
 def diffusion_model(**kw):

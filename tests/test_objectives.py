@@ -12,8 +12,9 @@ import torch.nn as nn
 from concept_nb.collators import IGNORE_INDEX, collator_for
 from concept_nb.data import embedded_texts, load_tokenizer
 from concept_nb.heads import build_model, diffusion_loss, load_model, read_state_dict
-from concept_nb.train import PRETRAIN_RULES, PRETRAIN_TYPES, build_pretraining, init_encoder_from, resolve_params, run_pretraining
-from concept_nb.config import ParamError, check_params
+from concept_nb.checkpoints import init_encoder_from
+from concept_nb.train import PRETRAIN_RULES, PRETRAIN_TYPES, build_pretraining, resolve_params, run_pretraining
+from concept_nb.core import ParamError, check_params
 
 torch.set_num_threads(1)
 os.environ.setdefault('WANDB_MODE', 'disabled')

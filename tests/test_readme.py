@@ -1,4 +1,5 @@
-from concept_nb.docs import readme_text, repo_root
+from concept_nb.core import repo_root
+from concept_nb.docs import readme_text
 
 def test_readme_is_generated_from_index():
     root = repo_root(__file__)

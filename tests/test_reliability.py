@@ -14,11 +14,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
 import concept_nb.train as T
+import concept_nb.checkpoints as CK
 from concept_nb import glue as G
 from concept_nb import runs as R, registry as RG, report as RP, cli as CLI
 from concept_nb.collators import (DiffusionCollator, IGNORE_INDEX, MaskedReconstructionCollator, MLMCollator,
                                   PrefixDiffusionCollator, TSDAECollator)
-from concept_nb.config import ParamError, atomic_write_json, atomic_write_text
+from concept_nb.core import ParamError, atomic_write_json, atomic_write_text
 from concept_nb.data import load_text, load_tokenizer, pack_documents
 from concept_nb.heads import (ConceptEncoderForMaskedLM, build_model, classifier_from_pretrained, load_model,
                               read_state_dict)
@@ -299,7 +300,7 @@ def _tiny(name='perceiver_mlm', seed=0, **kw):
 
 
 def test_interrupted_model_and_checkpoint_saves_keep_the_previous_ones(tmp_path, monkeypatch):
-    good = T.save_model(_tiny(seed=0), None, tmp_path / 'model')
+    good = CK.save_model(_tiny(seed=0), None, tmp_path / 'model')
     before = read_state_dict(good)
     new = _tiny(seed=1)
 
@@ -307,7 +308,7 @@ def test_interrupted_model_and_checkpoint_saves_keep_the_previous_ones(tmp_path,
         Path(d).mkdir(parents=True, exist_ok=True); (Path(d) / 'model.safetensors').write_bytes(b'half')
         raise OSError('disk full')
     monkeypatch.setattr(ConceptEncoderForMaskedLM, 'save_pretrained', half_save)
-    with pytest.raises(OSError, match='disk full'): T.save_model(new, None, tmp_path / 'model')
+    with pytest.raises(OSError, match='disk full'): CK.save_model(new, None, tmp_path / 'model')
     monkeypatch.undo()
     after = load_model(tmp_path / 'model').state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
@@ -315,7 +316,7 @@ def test_interrupted_model_and_checkpoint_saves_keep_the_previous_ones(tmp_path,
     model = _tiny()
     opt = torch.optim.AdamW(model.parameters())
     ck = tmp_path / 'run' / 'checkpoints'
-    T.save_checkpoint(ck / 'step-2', model, opt, state=dict(step=2))
+    CK.save_checkpoint(ck / 'step-2', model, opt, state=dict(step=2))
     real_save = torch.save
 
     def dying_save(obj, f, *a, **k):
@@ -323,10 +324,10 @@ def test_interrupted_model_and_checkpoint_saves_keep_the_previous_ones(tmp_path,
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, 'save', dying_save)
     for step in (4, 2):                          # a newer step, and a re-save over the existing step-2
-        with pytest.raises(OSError, match='killed'): T.save_checkpoint(ck / f'step-{step}', model, opt, state=dict(step=step))
-        assert [p.name for p in T.list_checkpoints(tmp_path / 'run')] == ['step-2']
+        with pytest.raises(OSError, match='killed'): CK.save_checkpoint(ck / f'step-{step}', model, opt, state=dict(step=step))
+        assert [p.name for p in CK.list_checkpoints(tmp_path / 'run')] == ['step-2']
     monkeypatch.undo()
-    assert json.loads((T.latest_checkpoint(tmp_path / 'run') / 'state.json').read_text())['step'] == 2
+    assert json.loads((CK.latest_checkpoint(tmp_path / 'run') / 'state.json').read_text())['step'] == 2
     load_model(ck / 'step-2')
 
 
@@ -405,12 +406,12 @@ def test_sigkill_mid_training_leaves_a_loadable_checkpoint(crashed):
     run = crashed['killed']
     assert crashed['rc_killed'] == -signal.SIGKILL, (crashed['dir'] / 'killed.log').read_text()[-2000:]
     assert json.loads((run / 'metrics.json').read_text())['status'] == 'running' and not (run / 'model').exists()
-    latest = T.latest_checkpoint(run)
-    assert latest is not None and 6 <= T.checkpoint_step(latest) < RUN['steps']
+    latest = CK.latest_checkpoint(run)
+    assert latest is not None and 6 <= CK.checkpoint_step(latest) < RUN['steps']
     model = load_model(latest)                                       # strict: every weight, right shapes
     lm, opt, sched = _optimizer_for(model)
-    state = T.load_checkpoint(latest, model, opt, sched, lm)         # optimizer, schedule and loss weights too
-    assert state['step'] == T.checkpoint_step(latest) and opt.state_dict()['state']
+    state = CK.load_checkpoint(latest, model, opt, sched, lm)         # optimizer, schedule and loss weights too
+    assert state['step'] == CK.checkpoint_step(latest) and opt.state_dict()['state']
     assert sched.last_epoch == state['step']
     ref = read_state_dict(crashed['ref'] / 'checkpoints' / latest.name)   # same weights as the uninterrupted run
     mine = read_state_dict(latest)
@@ -420,14 +421,14 @@ def test_sigkill_mid_training_leaves_a_loadable_checkpoint(crashed):
 def test_resume_latest_after_sigkill_reaches_the_same_final_metrics(crashed, tmp_path):
     run = tmp_path / 'killed'
     shutil.copytree(crashed['killed'], run)
-    latest = T.latest_checkpoint(run)
-    n = T.checkpoint_step(latest)
+    latest = CK.latest_checkpoint(run)
+    n = CK.checkpoint_step(latest)
     # newer checkpoints that never completed must be ignored: no COMPLETE marker, an interrupted save's temp folder
     fake = run / 'checkpoints' / f'step-{n + 100}'
     shutil.copytree(latest, fake); (fake / 'COMPLETE').unlink()
     shutil.copytree(latest, run / 'checkpoints' / f'.tmp-step-{n + 200}')
-    assert T.latest_checkpoint(run) == latest
-    with pytest.raises(FileNotFoundError, match='incomplete checkpoint'): T.resolve_checkpoint(str(fake))
+    assert CK.latest_checkpoint(run) == latest
+    with pytest.raises(FileNotFoundError, match='incomplete checkpoint'): CK.resume_point(str(fake))
     m = T.run_pretraining({**RUN, 'run_dir': str(run), 'resume_from': 'latest'}, log=QUIET)
     ref = crashed['ref_metrics']
     assert m['status'] == 'completed' and m['steps'] == ref['steps'] == RUN['steps']
@@ -443,12 +444,12 @@ def test_sigkill_during_a_checkpoint_save(crashed):
     assert crashed['rc_died'] == -signal.SIGKILL, (crashed['dir'] / 'died.log').read_text()[-2000:]
     tmp = run / 'checkpoints' / '.tmp-step-12'
     assert tmp.is_dir() and (tmp / 'model.safetensors').exists() and not (tmp / 'COMPLETE').exists()
-    assert [p.name for p in T.list_checkpoints(run)] == ['step-6']
-    load_model(T.latest_checkpoint(run))
+    assert [p.name for p in CK.list_checkpoints(run)] == ['step-6']
+    load_model(CK.latest_checkpoint(run))
     m = T.run_pretraining({**RUN, 'run_dir': str(run), 'resume_from': 'latest'}, log=QUIET)
     ref = crashed['ref_metrics']
     assert (m['train_loss_end'], m['eval_loss']) == pytest.approx((ref['train_loss_end'], ref['eval_loss']), abs=1e-6)
-    assert not tmp.exists() and [p.name for p in T.list_checkpoints(run)] == ['step-6', 'step-12', 'step-18', 'step-24']
+    assert not tmp.exists() and [p.name for p in CK.list_checkpoints(run)] == ['step-6', 'step-12', 'step-18', 'step-24']
 
 
 def test_resume_survives_a_half_written_history_line(crashed, tmp_path):
@@ -470,7 +471,7 @@ def test_same_seed_same_loss_curve(crashed, tmp_path):
     assert _curve(tmp_path / 'again', 'eval', 'eval_loss') == _curve(crashed['ref'], 'eval', 'eval_loss')
     assert m['eval_loss'] == crashed['ref_metrics']['eval_loss']
     # and across processes: the killed `python -m concept_nb.train` run logged the same losses up to its checkpoint
-    n = T.checkpoint_step(T.latest_checkpoint(crashed['killed']))
+    n = CK.checkpoint_step(CK.latest_checkpoint(crashed['killed']))
     child = {s: v for s, v in _curve(crashed['killed']).items() if s <= n}
     assert child == {s: v for s, v in _curve(crashed['ref']).items() if s <= n} and len(child) == n
 
@@ -486,7 +487,7 @@ def test_different_seed_different_curve(crashed, tmp_path):
 # ======================================================================================================================
 @pytest.fixture(scope='module')
 def good_model(tmp_path_factory):
-    return T.save_model(_tiny(), None, tmp_path_factory.mktemp('ck') / 'good')
+    return CK.save_model(_tiny(), None, tmp_path_factory.mktemp('ck') / 'good')
 
 
 def _variant(good, tmp_path, name, edit):
@@ -508,7 +509,7 @@ def _truncate(f, keep=0.5):
 
 LOADERS = {'load_model': load_model, 'read_state_dict': read_state_dict,
            'classifier_from_pretrained': lambda p: classifier_from_pretrained(p),
-           'train.load_model_weights': lambda p: T.load_model_weights(_tiny(), p)}
+           'train.load_model_weights': lambda p: CK.load_model_weights(_tiny(), p)}
 
 
 @pytest.mark.parametrize('loader', list(LOADERS))
@@ -529,12 +530,12 @@ def test_wrong_shapes_missing_and_unexpected_keys_are_named(good_model, tmp_path
     assert str(d) in str(e.value)
 
     d = _variant(good_model, tmp_path, 'missing', _edit_tensors(lambda sd: sd.pop('encoder.concepts')))
-    for f in (load_model, lambda p: T.load_model_weights(_tiny(), p), lambda p: classifier_from_pretrained(p)):
+    for f in (load_model, lambda p: CK.load_model_weights(_tiny(), p), lambda p: classifier_from_pretrained(p)):
         with pytest.raises((KeyError, ValueError), match=r'encoder\.concepts') as e: f(d)
         assert str(d) in str(e.value)
 
     d = _variant(good_model, tmp_path, 'unexpected', _edit_tensors(lambda sd: sd.update({'encoder.rogue': torch.zeros(2)})))
-    for f in (load_model, lambda p: T.load_model_weights(_tiny(), p)):
+    for f in (load_model, lambda p: CK.load_model_weights(_tiny(), p)):
         with pytest.raises((KeyError, ValueError), match=r'unexpected.*encoder\.rogue') as e: f(d)
         assert str(d) in str(e.value)
 
@@ -553,7 +554,7 @@ def test_other_model_types_are_refused(good_model, tmp_path):
     with pytest.raises(ValueError, match=r"unknown architecture 'BertForMaskedLM'"): load_model(d)
     # resuming a checkpoint of one model type into another (e.g. model_type changed between the runs)
     for other in ('weighted_mlm', 'diffusion_mlm'):
-        with pytest.raises(ValueError, match=re.escape(str(good_model)) + r'.*does not match'): T.load_model_weights(_tiny(other), good_model)
+        with pytest.raises(ValueError, match=re.escape(str(good_model)) + r'.*does not match'): CK.load_model_weights(_tiny(other), good_model)
 
 
 def test_garbage_or_missing_config_is_named(good_model, tmp_path):
@@ -591,22 +592,22 @@ def test_unreadable_pytorch_bin_is_named(good_model, tmp_path, damage):
 
 def test_resume_from_a_checkpoint_of_another_size_is_named(good_model):
     wider = _tiny(hidden_size=32)
-    with pytest.raises(ValueError, match=re.escape(str(good_model)) + '.*shape'): T.load_model_weights(wider, good_model)
+    with pytest.raises(ValueError, match=re.escape(str(good_model)) + '.*shape'): CK.load_model_weights(wider, good_model)
 
 
 def test_truncated_optimizer_state_is_named(tmp_path):
     model = _tiny()
     opt = torch.optim.AdamW(model.parameters())
     model(torch.tensor([[2, 3, 4]]), labels=torch.tensor([[2, 3, 4]])).loss.backward(); opt.step()
-    ck = T.save_checkpoint(tmp_path / 'checkpoints' / 'step-1', model, opt, state=dict(step=1))
+    ck = CK.save_checkpoint(tmp_path / 'checkpoints' / 'step-1', model, opt, state=dict(step=1))
     _truncate(ck / 'optimizer.pt')
     with pytest.raises(ValueError, match=re.escape(str(ck / 'optimizer.pt'))):
-        T.load_checkpoint(ck, _tiny(), torch.optim.AdamW(model.parameters()))
+        CK.load_checkpoint(ck, _tiny(), torch.optim.AdamW(model.parameters()))
 
 
 def test_init_from_source_problems_are_named(good_model, tmp_path):
     "init_from (warm start) loads the encoder strictly: a bad source is an error naming the file, never a partial load."
-    init = T.init_encoder_from
+    init = CK.init_encoder_from
     with pytest.raises(FileNotFoundError, match='/no/such/run'): init(_tiny(), '/no/such/run')
     d = _variant(good_model, tmp_path, 'truncated', lambda d: _truncate(d / 'model.safetensors'))
     with pytest.raises(ValueError, match=re.escape(str(d / 'model.safetensors'))): init(_tiny(), d)
@@ -620,7 +621,7 @@ def test_init_from_source_problems_are_named(good_model, tmp_path):
     d = _variant(good_model, tmp_path, 'no_encoder', _edit_tensors(rename))
     with pytest.raises(ValueError, match=r'no encoder\.\* tensors'): init(_tiny(), d)
     run = tmp_path / 'run'                                  # a run folder whose only checkpoint never completed
-    T.save_model(_tiny(), None, run / 'checkpoints' / 'step-2')
+    CK.save_model(_tiny(), None, run / 'checkpoints' / 'step-2')
     with pytest.raises(FileNotFoundError, match='holds no saved model'): init(_tiny(), run)
     report = init(_tiny(seed=5), good_model)                # and a good source loads every encoder tensor
     assert report['loaded'] == sum(k.startswith('encoder.') for k in read_state_dict(good_model))
@@ -629,18 +630,18 @@ def test_init_from_source_problems_are_named(good_model, tmp_path):
 def test_latest_skips_a_checkpoint_without_its_state(tmp_path):
     model = _tiny()
     ck = tmp_path / 'checkpoints'
-    T.save_checkpoint(ck / 'step-2', model, torch.optim.AdamW(model.parameters()), state=dict(step=2))
+    CK.save_checkpoint(ck / 'step-2', model, torch.optim.AdamW(model.parameters()), state=dict(step=2))
     shutil.copytree(ck / 'step-2', ck / 'step-4'); (ck / 'step-4' / 'state.json').unlink()
     shutil.copytree(ck / 'step-2', ck / 'step-6'); (ck / 'step-6' / 'model.safetensors').unlink()
-    assert T.latest_checkpoint(tmp_path) == ck / 'step-2'
+    assert CK.latest_checkpoint(tmp_path) == ck / 'step-2'
 
 
 def test_glue_uses_only_complete_checkpoints(tmp_path):
     m = _tiny()
-    T.save_checkpoint(tmp_path / 'run' / 'checkpoints' / 'step-2', m, state=dict(step=2))
-    T.save_model(m, None, tmp_path / 'run' / 'checkpoints' / 'step-4')          # an unfinished save: no COMPLETE
+    CK.save_checkpoint(tmp_path / 'run' / 'checkpoints' / 'step-2', m, state=dict(step=2))
+    CK.save_model(m, None, tmp_path / 'run' / 'checkpoints' / 'step-4')          # an unfinished save: no COMPLETE
     with pytest.warns(UserWarning, match='newest checkpoint'):
-        ck = G.resolve_checkpoint(str(tmp_path / 'run'))
+        ck = CK.resolve_checkpoint(str(tmp_path / 'run'))
     assert ck.path.name == 'step-2'
 
 
@@ -1009,7 +1010,7 @@ def test_pickled_code_in_weights_is_refused(good_model, tmp_path):
     d = _variant(good_model, tmp_path, 'evil', lambda d: ((d / 'model.safetensors').unlink(),
                                                           torch.save({**read_state_dict(good_model), 'x': _Payload(marker)},
                                                                      d / 'pytorch_model.bin')))
-    for f in (read_state_dict, load_model, lambda p: classifier_from_pretrained(p), lambda p: T.load_model_weights(_tiny(), p)):
+    for f in (read_state_dict, load_model, lambda p: classifier_from_pretrained(p), lambda p: CK.load_model_weights(_tiny(), p)):
         with pytest.raises(Exception, match='Weights only load failed'): f(d)
     # a transformers (non-concept) checkpoint on the GLUE path
     from transformers import BertConfig
@@ -1025,11 +1026,11 @@ def test_pickled_code_in_training_state_is_refused(tmp_path):
     model = _tiny()
     opt = torch.optim.AdamW(model.parameters())
     for name in ('optimizer.pt', 'scheduler.pt', 'loss_manager.pt'):
-        ck = T.save_checkpoint(tmp_path / name / 'checkpoints' / 'step-1', model, opt, state=dict(step=1))
+        ck = CK.save_checkpoint(tmp_path / name / 'checkpoints' / 'step-1', model, opt, state=dict(step=1))
         torch.save({'state': {}, 'x': _Payload(marker)}, ck / name)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         with pytest.raises(Exception, match='Weights only load failed'):
-            T.load_checkpoint(ck, _tiny(), torch.optim.AdamW(model.parameters()), sched, LossManager())
+            CK.load_checkpoint(ck, _tiny(), torch.optim.AdamW(model.parameters()), sched, LossManager())
     assert not marker.exists()
 
 

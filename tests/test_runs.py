@@ -5,7 +5,7 @@ from pathlib import Path
 import nbformat, pandas as pd, papermill as pm, pytest
 
 from concept_nb import runs as R, registry as RG, report as RP, cli as CLI
-from concept_nb.docs import repo_root
+from concept_nb.core import repo_root
 
 ROOT = repo_root(Path(__file__))
 

@@ -3,11 +3,11 @@ import json, os, shutil, subprocess, sys, textwrap
 from pathlib import Path
 import pytest, torch
 import nbformat
-from concept_nb.config import ParamError
+from concept_nb.core import ParamError
 from concept_nb.heads import load_model
-from concept_nb.train import (PRETRAIN_DEFAULTS, NonFiniteLossError, TrainConfig, build_pretraining, latest_checkpoint,
-                              list_checkpoints, list_presets, load_preset, main, resolve_checkpoint, resolve_params,
-                              run_pretraining, train)
+from concept_nb.checkpoints import latest_checkpoint, list_checkpoints, resume_point
+from concept_nb.train import (PRETRAIN_DEFAULTS, NonFiniteLossError, TrainConfig, build_pretraining, list_presets,
+                              load_preset, main, resolve_params, run_pretraining, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -86,8 +86,8 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     ck = Path(P['run_dir']) / 'checkpoints'
     (ck / 'step-4' / 'COMPLETE').unlink()                                   # a save that never finished
     assert [p.name for p in list_checkpoints(P['run_dir'])] == ['step-2']
-    with pytest.raises(FileNotFoundError, match='incomplete checkpoint'): resolve_checkpoint(str(ck / 'step-4'))
-    with pytest.raises(FileNotFoundError, match='no complete checkpoint'): resolve_checkpoint(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match='incomplete checkpoint'): resume_point(str(ck / 'step-4'))
+    with pytest.raises(FileNotFoundError, match='no complete checkpoint'): resume_point(str(tmp_path))
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
@@ -150,7 +150,7 @@ def test_cli_main_writes_run_record(tmp_path, capsys):
     run = tmp_path / 'cli'
     m = main(['--preset', 'smoke', '-p', 'run_dir', str(run), '-p', 'steps', '6', '-p', 'eval_every', '3', '-p', 'lr', '3e-3',
               '-p', 'wandb_mode', 'disabled', '-p', 'max_docs', '40', '-p', 'device', 'cpu'])
-    assert m['status'] == 'completed' and m['steps'] == 6
+    assert m['status'] == 'completed' and m['train']['steps'] == 6 and m['schema'] == 2
     assert json.loads((run / 'metrics.json').read_text())['status'] == 'completed'
     p = json.loads((run / 'params.json').read_text())
     assert p['params']['preset'] == 'smoke' and p['params']['lr'] == 3e-3 and p['model_config']['concept_num'] == 8
@@ -199,7 +199,7 @@ def test_papermill_run_notebook(tmp_path):
                         parameters=dict(run_dir=str(run), steps=8, eval_every=4, save_every=4, log_every=2,
                                         concept_losses='orthogonality', loss_weighting='kendall_gal', wandb_mode='disabled'))
     m = json.loads((run / 'metrics.json').read_text())
-    assert m['status'] == 'completed' and m['steps'] == 8 and m['eval_loss'] < m['eval_loss_start']
+    assert m['status'] == 'completed' and m['train']['steps'] == 8 and m['results']['eval_loss'] < m['results']['eval_loss_start']
     nb = nbformat.read(str(out), as_version=4)
     cell = [c for c in nb.cells if 'metrics' in c.metadata.get('tags', [])]
     assert len(cell) == 1 and cell[0] is nb.cells[-1]
