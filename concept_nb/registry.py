@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Mapping
 import nbformat
 import pandas as pd
-from .records import DATE_RE, SCHEMA_VERSION, TOP_KEYS, task_list, source_run_of, upgrade_record
+from .records import (DATE_RE, RUN_KINDS, SCHEMA_VERSION, TOP_KEYS, read_record, record_columns, task_list,
+                                source_run_of, upgrade_record)
 from .runs import TEMPLATES, metrics_from_notebook
 from .runs import _NOVAL, _ast_params, _literal, _read_json
 
 
 # %% auto #0
-__all__ = ['TASK_NAMES', 'METRIC_NAMES', 'KEY_METRIC', 'REGISTRY_COLUMNS', 'flatten', 'canon_task', 'canon_metric', 'glue_scores',
-           'glue_protocol', 'glue_control', 'read_run', 'load_registry']
+__all__ = ['TASK_NAMES', 'METRIC_NAMES', 'KEY_METRIC', 'PARAM_COLUMNS', 'REGISTRY_COLUMNS', 'flatten', 'canon_task',
+           'canon_metric', 'glue_scores', 'glue_protocol', 'glue_control', 'read_run', 'load_registry']
 
 # %% ../nbs/13_registry.ipynb #65953f78
 def flatten(d, prefix:str='') -> dict:
@@ -28,18 +29,9 @@ def flatten(d, prefix:str='') -> dict:
         else: out[k] = v
     return out
 
-def _find(view:Mapping, *names):
-    "First value whose key is one of `names`, or whose last '/'- or '.'-segment is (exact keys first)."
-    for n in names:
-        if view.get(n) not in (None, ''): return view[n]
-    for n in names:
-        for k, v in view.items():
-            if v not in (None, '') and re.split(r'[/.]', k)[-1] == n: return v
-    return None
-
 def _num(v):
     if isinstance(v, bool) or v is None: return None
-    if isinstance(v, Mapping): v = _find(v, 'mean', 'value')
+    if isinstance(v, Mapping): v = v.get('mean', v.get('value'))   # a score with its spread
     try: v = float(v)
     except (TypeError, ValueError): return None
     return v if math.isfinite(v) else None
@@ -185,69 +177,82 @@ def _metrics_view(m:dict, kind:str, params:dict) -> dict:
     if m.get('schema') != SCHEMA_VERSION: return m
     return {**(m.get('glue') or {}), **{k: m[k] for k in TOP_KEYS if k in m and k != 'schema'}}
 
+# columns a record may lack (GLUE runs, records from before the field existed), read from the run parameters
+PARAM_COLUMNS = {'model_type': 'model_type', 'hidden_size': 'hidden_size', 'num_layers': 'num_hidden_layers',
+                 'concept_num': 'concept_num', 'data': 'data', 'tokenizer': 'tokenizer', 'objective': 'objective',
+                 'epochs': 'epochs', 'concept_losses': 'concept_losses', 'loss_weighting': 'loss_weighting',
+                 'loss_weight': 'loss_weight', 'checkpoint': 'checkpoint', 'tasks': 'tasks'}
+
+def _record_paths(path) -> tuple[Path, Path]:
+    "(notebook record, run folder) of a record path or a run folder."
+    p = Path(path)
+    return (p, p.parent/p.stem) if p.suffix == '.ipynb' else (p.parent/f"{p.name}.ipynb", p)
+
+def _read_notebook(record:Path):
+    "(notebook or None, problem or None)."
+    if not record.exists(): return None, None
+    try: return nbformat.read(str(record), as_version=4), None
+    except Exception as e: return None, f"unreadable notebook ({type(e).__name__})"
+
+def _param_view(nb, cfg:dict, pj:dict, rj:dict, params:dict) -> dict:
+    "The run's parameters by name, later sources winning unless blank (order: see the loop)."
+    declared = {k: v for k, d in (_ast_params(nb) if nb is not None else {}).items()
+                if (v := _literal(d['default'])) is not _NOVAL}
+    top = {k: v for k, v in pj.items() if not isinstance(v, Mapping)}
+    out = {}
+    # model configs < declared defaults < resolved values < params.json (top level, then `params`) < injected values
+    for src in (cfg, pj.get('model_config'), declared, rj.get('resolved'), top, pj.get('params'), rj.get('parameters'),
+                params):
+        out.update({k: v for k, v in (src or {}).items() if v not in (None, '')})
+    return out
+
+def _columns(rec:dict, pv:dict, pj:dict, pm_meta:dict) -> dict:
+    "The registry columns of a run: the record's declared columns (direct keys), then the parameters it lacks."
+    cols = record_columns(rec)
+    for col, key in PARAM_COLUMNS.items():
+        if cols.get(col) is None and pv.get(key) not in (None, ''): cols[col] = pv[key]
+    env = pj.get('environment') or {}
+    cols['machine'] = ' @ '.join(str(env[k]) for k in ('device', 'hostname') if env.get(k)) or None
+    cols['git_commit'] = env.get('git_commit')
+    if pm_meta.get('duration') is not None: cols['duration_s'] = pm_meta['duration']   # papermill's wall clock
+    for k in ('num_parameters', 'steps', 'epochs', 'loss_weight', 'task_loss', 'effective_rank', 'mean_similarity',
+              'max_similarity', 'input_dependence', 'steps_per_s', 'tokens_per_s', 'duration_s'): cols[k] = _num(cols.get(k))
+    return cols
+
 def read_run(path # a record (.ipynb) or its run folder
             ) -> dict:
     "Everything a run record says, as one flat dict; damaged records come back with status 'incomplete'."
-    p = Path(path)
-    if p.suffix == '.ipynb': record, run_dir = p, p.parent/p.stem
-    else: run_dir, record = p, p.parent/f"{p.name}.ipynb"
+    record, run_dir = _record_paths(path)
     m = DATE_RE.match(run_dir.name)
     date, name = (m.group(1), m.group(2)) if m else (None, run_dir.name)
-    nb, problem = None, None
-    if record.exists():
-        try: nb = nbformat.read(str(record), as_version=4)
-        except Exception as e: problem = f"unreadable notebook ({type(e).__name__})"
+    nb, problem = _read_notebook(record)
     pm_meta = dict(nb.metadata.get('papermill', {})) if nb is not None else {}
     params = dict(pm_meta.get('parameters') or {})
     cell = metrics_from_notebook(nb) if nb is not None else None
-    mj, pj, rj = (_read_json(run_dir/f) for f in ('metrics.json', 'params.json', 'run.json'))
+    mj, pj, rj = (_read_json(run_dir/f) or {} for f in ('metrics.json', 'params.json', 'run.json'))
     cfg = _read_json(run_dir/'model'/'config.json') or _read_json(run_dir/'config.json') or {}
     kind = _kind_of(rj, pm_meta, params)
-    metrics = _metrics_view({**(mj or {}), **(cell or {})}, kind, {**((pj or {}).get('params') or {}), **params})
-    status, err = _run_status(nb, pm_meta, cell, mj, rj)
+    pv = _param_view(nb, cfg, pj, rj, params)
+    rec = read_record(run_dir) or upgrade_record(cell or {}, pv, kind if kind in RUN_KINDS else None)
+    metrics = _metrics_view({**mj, **(cell or {})}, kind, {**(pj.get('params') or {}), **params})
+    status, err = _run_status(nb, pm_meta, cell, mj or None, rj or None)
     if problem and status != 'failed': status, err = 'incomplete', problem
     if status == 'completed' and metrics.get('status') == 'failed': status = 'failed'
-    declared = {k: v for k, d in (_ast_params(nb) if nb is not None else {}).items() if (v := _literal(d['default'])) is not _NOVAL}
-    pview = {**flatten(cfg), **declared, **flatten((rj or {}).get('resolved')), **flatten(pj),
-             **flatten((rj or {}).get('parameters')), **flatten(params)}
-    mview = flatten(metrics)
-    env = flatten(pj)
-    losses = _find(pview, 'concept_losses', 'concept_loss', 'losses', 'loss_names')
-    run = dict(
-        run_id=run_dir.name, date=date or (str(pm_meta.get('start_time') or '')[:10] or None), kind=kind, status=status,
-        run_name=(rj or {}).get('run_name') or params.get('run_name') or name,
-        model_type=_find(pview, 'model_type', 'model_name') if kind == 'pretrain' else _find(pview, 'model_type'),
-        hidden_size=_find(pview, 'hidden_size', 'H'), num_layers=_find(pview, 'num_hidden_layers', 'num_layers', 'L'),
-        concept_num=_find(pview, 'concept_num', 'num_concepts', 'C'),
-        num_parameters=_num(_find(flatten(pj), 'num_parameters', 'n_parameters')),
-        data=_find(pview, 'dataset', 'data', 'data_source', 'corpus', 'dataset_name'),
-        tokenizer=_find(pview, 'tokenizer', 'tokenizer_name'),
-        objective=_find(pview, 'objective'),
-        machine=' @ '.join(str(x) for x in (_find(env, 'device'), _find(env, 'hostname')) if x) or None,
-        git_commit=_find(env, 'git_commit'),
-        steps=_num(_find(mview, 'global_step', 'steps', 'step', 'final_step')) or _num(_find(pview, 'steps', 'max_steps')),
-        epochs=_num(_find(mview, 'epochs', 'epoch')) or _num(_find(pview, 'epochs', 'num_epochs', 'num_train_epochs')),
-        concept_losses=', '.join(map(str, losses)) if isinstance(losses, (list, tuple)) else losses,
-        loss_weighting=_find(pview, 'loss_weighting', 'weighting', 'concept_loss_weighting', 'weighting_strategy'),
-        loss_weight=_find(pview, 'loss_weight', 'concept_loss_weight', 'fixed_weight'),
-        task_loss=_num(_find(mview, 'eval_loss', 'final_eval_loss', 'task_loss', 'mlm_loss', 'train_loss', 'final_loss', 'loss')),
-        effective_rank=_num(_find(mview, 'effective_rank', 'global_effective_rank', 'effective_rank_global')),
-        mean_similarity=_num(_find(mview, 'mean_concept_similarity', 'mean_similarity')),
-        max_similarity=_num(_find(mview, 'max_concept_similarity', 'max_similarity')),
-        input_dependence=_num(_find(mview, 'input_dependence')),            # None in records from before issue 14
-        steps_per_s=_num(_find(mview, 'steps_per_s', 'steps_per_second', 'train_steps_per_second')),
-        tokens_per_s=_num(_find(mview, 'tokens_per_s', 'tokens_per_second')),
-        duration_s=_num(pm_meta.get('duration')),
-        start_time=_iso(pm_meta.get('start_time')), end_time=_iso(pm_meta.get('end_time')),
-        checkpoint=_find(pview, 'checkpoint', 'model_path', 'pretrained') if kind == 'glue' else None,
-        source_run=(_find(mview, 'source_run') or _find(pview, 'source_run')) if kind == 'glue' else None,
-        tasks=', '.join(task_list(_find(pview, 'tasks', 'task'))) if kind == 'glue' else None,
-        glue=glue_scores(metrics) if kind == 'glue' else {}, glue_best=glue_scores(metrics, best=True) if kind == 'glue' else {},
-        error=err or (metrics.get('error') if status == 'failed' else None),
-        record=str(record) if record.exists() else None, run_dir=str(run_dir) if run_dir.exists() else None,
-        parameters=params, metrics=metrics, params_json=pj or {}, run_json=rj or {}, model_config=cfg)
-    if kind == 'glue' and not run['source_run'] and run['checkpoint']: run['source_run'] = source_run_of(run['checkpoint'])
+    cols = _columns(rec, pv, pj, pm_meta)
+    glue = kind == 'glue'
+    run = dict(run_id=run_dir.name, date=date or (str(pm_meta.get('start_time') or '')[:10] or None), kind=kind,
+               status=status, run_name=rj.get('run_name') or params.get('run_name') or name, **cols,
+               start_time=_iso(pm_meta.get('start_time')), end_time=_iso(pm_meta.get('end_time')),
+               glue=glue_scores(metrics) if glue else {}, glue_best=glue_scores(metrics, best=True) if glue else {},
+               error=err or (metrics.get('error') if status == 'failed' else None),
+               record=str(record) if record.exists() else None, run_dir=str(run_dir) if run_dir.exists() else None,
+               parameters=params, metrics=metrics, params_json=pj, run_json=rj, model_config=cfg)
+    if not glue: run.update(checkpoint=None, source_run=None, tasks=None)
+    else:
+        run['tasks'] = ', '.join(task_list(pv.get('tasks') or run['tasks']))   # in the order the run was asked for
+        if not run['source_run'] and run['checkpoint']: run['source_run'] = source_run_of(run['checkpoint'])
     return run
+
 
 # %% ../nbs/13_registry.ipynb #4e9b6c1e
 REGISTRY_COLUMNS = ['run_id', 'date', 'kind', 'status', 'run_name', 'model_type', 'hidden_size', 'num_layers',

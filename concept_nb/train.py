@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_train.ipynb #22d353ef
 from __future__ import annotations
-import argparse, contextlib, datetime, itertools, json, math, os, random, sys, tempfile, time
+import contextlib, datetime, itertools, json, math, os, random, sys, tempfile, time
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +16,7 @@ from .losses import LOSS_REGISTRY, WEIGHTINGS, LossConfig, LossManager
 from .data import load_text, load_tokenizer, pack_documents
 from .collators import collator_for
 from .analysis import concept_metrics
-from .core import (ParamError, check_params, atomic_write_text, parse_value, repo_root, package_dir, reserve_run_dir,
+from .core import (ParamError, check_params, atomic_write_text, repo_root, package_dir, reserve_run_dir,
                              resolve_device)
 from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint, load_model_weights, load_checkpoint,
                                     init_encoder_from, format_init_report)
@@ -29,7 +29,7 @@ __all__ = ['OBJECTIVES', 'SCHEDULES', 'MIXED_PRECISIONS', 'DEVICES', 'MASKINGS',
            'real_tokens', 'BatchStream', 'tokenize_corpus', 'collator_kwargs', 'pretrain_model_config',
            'build_pretraining', 'param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig',
            'resolve_mixed_precision', 'make_accelerator', 'NonFiniteLossError', 'PretrainingModule', 'History',
-           'evaluate', 'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining', 'main']
+           'evaluate', 'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining']
 
 # %% ../nbs/10_train.ipynb #edf33213
 OBJECTIVES = {'mlm': ('perceiver_mlm', 'weighted_mlm', 'perceiver_posonly_mlm', 'recursive_mlm'),
@@ -821,28 +821,3 @@ def run_pretraining(params:dict, # run parameters (missing names take `PRETRAIN_
     m['train']['model_dir'] = str(run_dir / 'model')
     if main: write_record(run_dir, **m)
     return m
-
-# %% ../nbs/10_train.ipynb #ec830b5f
-def main(argv:list[str]|None=None):
-    "python -m concept_nb.train [--preset NAME] [-f params.yaml] [-p NAME VALUE]..."
-    ap = argparse.ArgumentParser(prog='python -m concept_nb.train',
-                                 description='Pretrain a concept encoder (one process, or many under torchrun / accelerate launch).')
-    ap.add_argument('--preset', default='', help=f"preset in configs/ ({', '.join(list_presets())})")
-    ap.add_argument('-f', '--parameters-file', action='append', default=[], help='YAML file of parameters (repeatable)')
-    ap.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'))
-    a = ap.parse_args(argv)
-    import yaml
-    params = {}
-    for f in a.parameters_file: params.update(yaml.safe_load(Path(f).read_text()) or {})
-    params.update({k: parse_value(v) for k, v in a.parameter})
-    if a.preset: params['preset'] = a.preset
-    try: m = run_pretraining(params, runs_dir='runs')
-    except ParamError as e:                       # a bad parameter is one line and exit code 2, as in concept_nb.runs
-        print(f"error: {e}", file=sys.stderr); raise SystemExit(2)
-    from accelerate import PartialState
-    if PartialState().is_main_process: print(json.dumps(m, indent=1, default=str))
-    return m
-
-# %% ../nbs/10_train.ipynb #e9a931df
-#| eval: false
-if __name__ == '__main__' and '__file__' in globals(): main()

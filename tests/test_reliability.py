@@ -256,8 +256,8 @@ def test_papermill_unknown_parameter_on_the_real_notebook(cli_subprocesses):
 
 
 def test_train_cli_bad_parameter_exits_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e: T.main(['-p', 'lrr', '0.1', '-p', 'run_dir', str(tmp_path / 'run')])
-    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert CLI.main(['pretrain', '--direct', '-p', 'lrr', '0.1', '-p', 'run_dir', str(tmp_path / 'run')]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize('params', [dict(data='./no/such/corpus.txt'), dict(tokenizer='./no/such/tokenizer')])
@@ -355,7 +355,8 @@ CHILD = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGKILL)
         return save(obj, f, *a, **k)
     torch.save = dying_save
-    T.main(sys.argv[2:])
+    from concept_nb.cli import main
+    sys.exit(main(['pretrain', '--direct', *sys.argv[2:]]))
 ''')
 
 
@@ -1039,7 +1040,8 @@ def test_yaml_presets_and_parameter_files_cannot_run_code(tmp_path):
     marker = tmp_path / 'CODE_RAN'
     evil = tmp_path / 'evil.yaml'
     evil.write_text(f"steps: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
-    for f in (lambda: T.load_preset(str(evil)), lambda: R.load_preset(str(evil)), lambda: T.main(['-f', str(evil)]),
+    for f in (lambda: T.load_preset(str(evil)), lambda: R.load_preset(str(evil)),
+              lambda: CLI.main(['pretrain', '--direct', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')]),
               lambda: CLI.main(['pretrain', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')])):
         with pytest.raises(yaml.constructor.ConstructorError): f()
     assert not marker.exists() and not (tmp_path / 'runs').exists()

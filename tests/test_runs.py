@@ -311,3 +311,17 @@ def test_main_failed_pretraining_still_logs(monkeypatch, tmp_path, tiny, capsys)
     captured = capsys.readouterr()
     assert 'requested failure' in captured.err and len(captured.err.strip().splitlines()) == 1
     assert 'failed' in (tmp_path/'EXPERIMENT_LOG.md').read_text() and 'records: ' in captured.out
+
+
+def test_registry_reads_direct_keys_never_the_train_loss(tmp_path):
+    "A record without a held-out loss shows a blank task loss (the name-guessing registry showed its train loss)."
+    d = tmp_path / 'runs' / '2026-01-01_no-eval'
+    d.mkdir(parents=True)
+    (d / 'metrics.json').write_text(json.dumps(dict(status='completed', steps=5, train_loss=3.25, loss=3.25)))
+    (d / 'run.json').write_text(json.dumps(dict(kind='pretrain', run_name='no-eval',
+                                                parameters=dict(hidden_size=16, concept_num=4))))
+    r = RG.read_run(d)
+    assert r['kind'] == 'pretrain' and r['task_loss'] is None
+    assert (r['steps'], r['hidden_size'], r['concept_num']) == (5.0, 16, 4)
+    (d / 'metrics.json').write_text(json.dumps(dict(status='completed', steps=5, train_loss=3.25, eval_loss=4.5)))
+    assert RG.read_run(d)['task_loss'] == 4.5
