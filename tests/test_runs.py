@@ -31,7 +31,7 @@ BODY = textwrap.dedent('''
     (run_dir/"metrics.json").write_text(json.dumps(dict(status="running", steps=0)))
     if fail: raise RuntimeError("requested failure")
     (run_dir/"params.json").write_text(json.dumps(dict(params=dict(model_type=model_type, hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers, concept_num=concept_num, steps=steps, dataset="embedded"),
+        num_hidden_layers=num_hidden_layers, concept_num=concept_num, steps=steps, data="embedded"),
         environment=dict(hostname="testhost", device="cpu", git_commit="0"*40))))
     metrics = dict(status="completed", steps=steps, **json.loads(fake_metrics))
 ''').strip()
