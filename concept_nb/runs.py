@@ -10,6 +10,8 @@ from typing import Sequence, Mapping
 import yaml, nbformat
 from .core import ParamError, check_params, atomic_write_json, reserve_run_dir, repo_root, parse_value
 from .records import safe_name, task_list, source_run_of, default_run_name
+from .train import resolve_params as _pretrain_params   # the template's own cross-checks
+from .glue import check_glue_params
 
 
 # %% auto #0
@@ -162,15 +164,10 @@ def cross_check(kind:str, # 'pretrain' or 'glue'
                 full:Mapping # complete parameter set
                ):
     "The templates' own cross-parameter checks, run before any work (`ParamError` on a conflict)."
-    try:
-        if kind == 'pretrain':
-            from concept_nb.train import resolve_params as rp
-            rp({**full, 'preset': '', 'run_name': full.get('run_name') or 'check', 'run_dir': full.get('run_dir') or '-'},
-               log=lambda *a, **k: None)
-        elif kind == 'glue':
-            from concept_nb.glue import check_glue_params
-            check_glue_params(dict(full))
-    except ImportError: pass
+    if kind == 'pretrain':
+        _pretrain_params({**full, 'preset': '', 'run_name': full.get('run_name') or 'check',
+                          'run_dir': full.get('run_dir') or '-'}, log=lambda *a, **k: None)
+    elif kind == 'glue': check_glue_params(dict(full))
     ck = str(full.get('checkpoint') or '') if kind == 'glue' else ''
     if ck and (os.path.isabs(ck) or ck.startswith(('.', '~', 'runs/'))) and not Path(ck).expanduser().exists():
         raise ParamError(f"parameter 'checkpoint': {ck!r} does not exist; pass a run folder (runs/<run>), a saved model "
