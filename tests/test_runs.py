@@ -262,7 +262,7 @@ def _fake_runner(monkeypatch, tiny, calls):
         calls.append((kind, dict(params or {}), preset))
         extra = {'fake_metrics': json.dumps(PRE_METRICS if kind == 'pretrain' else GLUE_METRICS)}
         return real(kind, {**(params or {}), **extra}, runs_dir, None, template=tiny, rules={}, log_output=False)
-    monkeypatch.setattr(R, 'run_notebook', fake)
+    monkeypatch.setattr(CLI, 'run_notebook', fake)   # the command line's own name
 
 
 def test_available_glue_tasks(monkeypatch, tmp_path):
