@@ -47,14 +47,14 @@ test-py: install browser
 test: sync-check test-nbs test-py
 
 run: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs main
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/concept-nb main
 
 experiment-log: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m concept_nb.runs experiment-log
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/concept-nb experiment-log
 
 # The searchable site in _docs/ from the committed outputs (concept_nb.docs.build_docs; config in nbs/mkdocs.yml).
 docs: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -c "from concept_nb.docs import build_docs; build_docs()"
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/concept-nb docs
 
 # Re-execute the notebooks that commit outputs (index and module notebooks), in place; commit the result.
 outputs: install
@@ -64,7 +64,7 @@ outputs: install
 # The benchmark scripts (benchmarks/README.md); BENCH=step etc. for one of them.
 BENCH ?= all
 bench: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python benchmarks/bench.py $(BENCH)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/concept-nb bench $(BENCH)
 
 export: install
 	$(BIN)/nbdev_export

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_analysis.ipynb #bd6bf08e
 from __future__ import annotations
-import argparse, json, math
+import json, math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -20,7 +20,7 @@ __all__ = ['UPSTREAM_KEYS', 'STANDARD_KEYS', 'GRADE_SPECS', 'PROJECT_TARGETS', '
            'cosine_similarity_matrix', 'plot_similarity_heatmap', 'plot_svd_spectrum', 'plot_concept_pca',
            'attention_map', 'concept_attention', 'plot_attention_map', 'concept_usage', 'plot_concept_usage',
            'plot_training_dynamics', 'plot_report_comparison', 'sample_sentences', 'tokenize_batches', 'concept_table',
-           'health_check', 'health_main']
+           'health_check']
 
 # %% ../nbs/06_analysis.ipynb #6065ea6e
 def _svdvals(m:torch.Tensor) -> torch.Tensor:
@@ -850,32 +850,3 @@ def health_check(model:nn.Module, # a pretraining model (or a bare ConceptEncode
                              f"input dependence {d:.3f}"))
         except Exception as e: rows.append(_row('attention_rows', 'fail', f"{type(e).__name__}: {e}"))
     return pd.DataFrame(rows, columns=['check', 'status', 'detail'])
-
-# %% ../nbs/06_analysis.ipynb #e7b2e05d
-def health_main(argv:Sequence[str]|None=None # command-line arguments (default: sys.argv[1:])
-               ) -> int:
-    "CLI: health-check a checkpoint folder; prints the table, returns 1 if any check fails."
-    ap = argparse.ArgumentParser(prog='concept_nb.runs health', description=health_main.__doc__)
-    ap.add_argument('checkpoint', help='saved model folder (config.json + model.safetensors)')
-    ap.add_argument('--tokenizer', default=None,
-                    help="tokenizer name or folder (default: the checkpoint folder if it has one, else 'embedded')")
-    ap.add_argument('--texts', default=None, help='text file with one sentence per line (default: embedded corpus)')
-    ap.add_argument('--device', default='cpu', help="torch device (default: cpu)")
-    a = ap.parse_args(argv)
-    from concept_nb.heads import load_model
-    from concept_nb.data import load_tokenizer
-    model = load_model(a.checkpoint).to(a.device)
-    tk = a.tokenizer
-    if tk is None: tk = a.checkpoint if (Path(a.checkpoint)/'tokenizer_config.json').exists() else 'embedded'
-    tokenizer = load_tokenizer(tk)
-    texts = None
-    if a.texts:
-        p = Path(a.texts)
-        if not p.exists(): raise FileNotFoundError(f"--texts {a.texts!r} does not exist")
-        texts = [l.strip() for l in p.read_text().splitlines() if l.strip()]
-    df = health_check(model, tokenizer, texts)
-    print(f"health check of {a.checkpoint} ({type(model).__name__}, tokenizer {tk}):")
-    for r in df.itertuples(): print(f"  {r.check:<22} {r.status:<5} {r.detail}")
-    n_fail = int((df.status == 'fail').sum())
-    print(f"{n_fail} failed, {int((df.status == 'warn').sum())} warnings")
-    return 1 if n_fail else 0

@@ -4,14 +4,14 @@
 
 # %% ../nbs/10_train.ipynb #22d353ef
 from __future__ import annotations
-import argparse, contextlib, datetime, json, math, os, random, sys, time
+import contextlib, datetime, json, math, os, random, sys, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
 from .losses import LossManager
 from .analysis import concept_metrics
-from .core import ParamError, check_params, parse_value, resolve_device
+from .core import ParamError, check_params, resolve_device
 from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint,
                                     load_model_weights, load_checkpoint)
 from .records import (History, Recorder, resume_history, make_record, write_record, start_run,
@@ -23,7 +23,7 @@ from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RU
 __all__ = ['param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig', 'resolve_mixed_precision', 'make_accelerator',
            'NonFiniteLossError', 'PretrainingModule', 'evaluate', 'LoopState', 'Loop', 'setup_loop', 'restore',
            'start_records', 'accumulate', 'check_finite', 'optimizer_step', 'add_to_window', 'log_window', 'save_state',
-           'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining', 'main']
+           'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining']
 
 # %% ../nbs/10_train.ipynb #cee64c2a
 def param_groups(model:nn.Module, # the model
@@ -537,28 +537,3 @@ def run_pretraining(params:dict, # run parameters (missing names take `PRETRAIN_
     m['train']['model_dir'] = str(run_dir / 'model')
     if main: write_record(run_dir, **m)
     return m
-
-# %% ../nbs/10_train.ipynb #ec830b5f
-def main(argv:list[str]|None=None):
-    "python -m concept_nb.train [--preset NAME] [-f params.yaml] [-p NAME VALUE]..."
-    ap = argparse.ArgumentParser(prog='python -m concept_nb.train',
-                                 description='Pretrain a concept encoder (one process, or many under torchrun / accelerate launch).')
-    ap.add_argument('--preset', default='', help=f"preset in configs/ ({', '.join(list_presets())})")
-    ap.add_argument('-f', '--parameters-file', action='append', default=[], help='YAML file of parameters (repeatable)')
-    ap.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'))
-    a = ap.parse_args(argv)
-    import yaml
-    params = {}
-    for f in a.parameters_file: params.update(yaml.safe_load(Path(f).read_text()) or {})
-    params.update({k: parse_value(v) for k, v in a.parameter})
-    if a.preset: params['preset'] = a.preset
-    try: m = run_pretraining(params, runs_dir='runs')
-    except ParamError as e:                       # a bad parameter is one line and exit code 2, as in concept_nb.runs
-        print(f"error: {e}", file=sys.stderr); raise SystemExit(2)
-    from accelerate import PartialState
-    if PartialState().is_main_process: print(json.dumps(m, indent=1, default=str))
-    return m
-
-# %% ../nbs/10_train.ipynb #e9a931df
-#| eval: false
-if __name__ == '__main__' and '__file__' in globals(): main()

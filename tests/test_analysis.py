@@ -331,3 +331,21 @@ def test_training_log_and_run_metrics_carry_input_dependence():
     res = T.evaluate(model, _Stream(batches), n_batches=2)
     assert 0 <= res['concept/input_dependence'] <= 1 and len(res['concept/input_dependence_per_slot']) == 6
     assert '| input dep.' in T._fmt_eval(dict(res, step=0))
+
+
+def test_health_command_line(tmp_path, capsys):
+    "`concept-nb health` (formerly analysis.health_main): 0 on a healthy checkpoint, 1 on a broken one or a missing path."
+    from concept_nb.cli import main
+    from concept_nb.data import load_tokenizer
+    tok = load_tokenizer('embedded')
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id, hidden_size=32)
+    model = build_model('perceiver_mlm', cfg)
+    d = tmp_path / 'run' / 'model'
+    model.save_pretrained(d); tok.save_pretrained(d)
+    assert main(['health', str(tmp_path / 'run')]) == 0                  # a run folder means its final model
+    with torch.no_grad(): next(model.encoder.parameters()).mul_(1e4)
+    model.save_pretrained(d)
+    assert main(['health', str(d), '--tokenizer', 'embedded']) == 1
+    assert main(['health', str(tmp_path / 'nonexistent')]) == 1
+    assert 'does not exist' in capsys.readouterr().err

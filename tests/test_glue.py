@@ -359,7 +359,7 @@ def glue_record(runs_dir, name, metrics):
 def test_runs_tables_state_protocol_and_n_train(tmp_path):
     """issue 14, defect 8: the experiment log and the comparison report say which protocol and how many train
     examples each GLUE column used."""
-    from concept_nb import runs as R
+    from concept_nb import registry as RG, report as RP
     r = dict(task='mrpc', mode='finetune', status='completed', metrics=['accuracy', 'f1'], headline_metric='f1',
              protocol='standard', n_train=3668, n_train_all=3668, n_select=0, n_dev=408, seeds=[42], epochs=3,
              final={'f1': 80.0, 'accuracy': 70.0}, best_epoch={'f1': 81.0, 'accuracy': 71.0},
@@ -368,16 +368,43 @@ def test_runs_tables_state_protocol_and_n_train(tmp_path):
     glue_record(tmp_path, 'old', dict(status='completed', final={'sst2/accuracy': 80.0},      # written before issue 14
                                       tasks={'sst2': dict(status='completed', mode='finetune', n_train=2000,
                                                           n_select=200)}))
-    log = R.experiment_log(R.load_registry(tmp_path))
+    log = RP.experiment_log(RG.load_registry(tmp_path))
     assert 'standard: MRPC 3668/3668' in log and 'selection: SST-2 2000' in log
     base = {'BERT-base': {'mrpc': {'f1': 88.85}, 'sst2': {'accuracy': 92.32}}}
-    res, _ = R.compare_tables(['new', 'old'], tmp_path, base)
+    res, _ = RP.compare_tables(['new', 'old'], tmp_path, base)
     res = res.set_index('task')
     assert res.loc['MRPC', 'new protocol, n_train/all'].tolist() == ['standard, 3668/3668'] * 2
     assert res.loc['SST-2', 'old protocol, n_train/all'] == 'selection, 2000'       # no protocol, a slice: selection
     assert res.loc['SST-2', 'new protocol, n_train/all'] == ''
     assert sorted(res.loc['MRPC', 'new zero-concepts control']) == [69.0, 79.0]
     assert 'old zero-concepts control' not in res
-    md = R.compare(['new', 'old'], tmp_path, {'BERT-base': {'mrpc': {'f1': 88.85}}})
+    md = RP.compare(['new', 'old'], tmp_path, {'BERT-base': {'mrpc': {'f1': 88.85}}})
     assert '| new protocol, n_train/all |' in md and 'standard, 3668/3668' in md and 'fitted all of train' in md
-    assert len(R.plot_compare(['new', 'old'], tmp_path, {}).axes[0].patches) == 3 * len(res)   # new, its control, old
+    assert len(RP.plot_compare(['new', 'old'], tmp_path, {}).axes[0].patches) == 3 * len(res)   # new, its control, old
+
+
+# ---------------------------------------------------------------- the fine-tuning history is pinned
+
+# Two epochs of `finetune` on the toy MRPC files, recorded on the code before it reused concept_nb.train's
+# optimiser helpers: a warm-up of 2 of the 10 steps with decay 0.01, and the warm-up fallback (100 >= 10 steps: 10 // 10)
+# with decay 0.1. Losses, learning rates and metrics must not move (1e-6).
+PINNED_HISTORY = {
+    '0.01,2': [dict(epoch=1, step=5, train_loss=0.7757845163345337, lr=0.001875, acc=50.0, f1=66.66666666666666),
+               dict(epoch=2, step=10, train_loss=0.7274906516075135, lr=0.0, acc=50.0, f1=0.0)],
+    '0.1,100': [dict(epoch=1, step=5, train_loss=0.8205283522605896, lr=0.0016666666666666668, acc=50.0, f1=66.66666666666666),
+                dict(epoch=2, step=10, train_loss=0.7386756300926208, lr=0.0, acc=52.5, f1=66.66666666666666)]}
+
+@pytest.mark.parametrize('case', list(PINNED_HISTORY))
+def test_finetune_history_is_pinned(case, tok, tmp_path):
+    wd, warm = float(case.split(',')[0]), int(case.split(',')[1])
+    root = write_toy(tmp_path)
+    enc = lambda s: encode_task(load_task('mrpc', s, root), 'mrpc', tok, 32)
+    model, _ = build_classifier('', 'mrpc', tok, seed=0, max_length=32)
+    lines = []
+    r = finetune(model, enc('train'), None, enc('validation'), 'mrpc', tok.pad_token_id, epochs=2, batch_size=8,
+                 lr=3e-3, weight_decay=wd, warmup_steps=warm, seed=1, device='cpu', log=lines.append)
+    got = [dict(epoch=h['epoch'], step=h['step'], train_loss=h['train_loss'], lr=h['lr'], acc=h['dev/accuracy'],
+                f1=h['dev/f1']) for h in r['history']]
+    for g, want in zip(got, PINNED_HISTORY[case], strict=True):
+        assert g == pytest.approx(want, abs=1e-6), (case, got)
+    assert any('warmup_steps=100 >= 10 total steps: using 1' in l for l in lines) == (warm == 100)

@@ -201,7 +201,7 @@ def test_recon_nelbo_is_recorded_under_its_name_with_its_t_range(tmp_path):
     range it averages over, and old records that say nelbo / eval_nelbo still load under the new names."""
     from concept_nb.records import History
     from concept_nb.train import run_metrics
-    from concept_nb.runs import read_run
+    from concept_nb.registry import read_run
     h = History([dict(step=1, kind='train', loss=2., task_loss=2., tokens=10, train_s=1., nelbo=3.),
                  dict(step=1, kind='eval', eval_loss=2.5, eval_nelbo=3.5)])       # records written before the rename
     h.step = 1

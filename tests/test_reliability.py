@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 import concept_nb.train as T
 import concept_nb.pretrain as PT
 import concept_nb.checkpoints as CK
-from concept_nb import glue as G, runs as R
+from concept_nb import glue as G
+from concept_nb import runs as R, registry as RG, report as RP, cli as CLI
 from concept_nb.collators import (DiffusionCollator, IGNORE_INDEX, MaskedReconstructionCollator, MLMCollator,
                                   PrefixDiffusionCollator, TSDAECollator)
 from concept_nb.core import ParamError, atomic_write_json, atomic_write_text
@@ -182,7 +183,7 @@ def test_bad_parameter_stops_before_any_work(case, tmp_path, capsys):
     runs = tmp_path / 'runs'
     extra = ['--checkpoint', ''] if case.kind == 'glue' else []
     capsys.readouterr()
-    assert R.main([case.kind, *extra, *cli_args(case.params), '--runs-dir', str(runs)]) == 2
+    assert CLI.main([case.kind, *extra, *cli_args(case.params), '--runs-dir', str(runs)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f'concept-nb {case.kind}: bad parameter:'), err
     _check_message(err[0], case)
@@ -205,7 +206,7 @@ def test_valid_edge_values_are_accepted(kind, params, tmp_path):
 
 
 def test_cli_unknown_preset_option(tmp_path, capsys):
-    assert R.main(['pretrain', '--preset', 'cpu-smal', '--runs-dir', str(tmp_path / 'runs')]) == 2
+    assert CLI.main(['pretrain', '--preset', 'cpu-smal', '--runs-dir', str(tmp_path / 'runs')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown preset 'cpu-smal'" in err[0] and "did you mean 'cpu-small'" in err[0]
     assert not (tmp_path / 'runs').exists()
@@ -256,8 +257,8 @@ def test_papermill_unknown_parameter_on_the_real_notebook(cli_subprocesses):
 
 
 def test_train_cli_bad_parameter_exits_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e: T.main(['-p', 'lrr', '0.1', '-p', 'run_dir', str(tmp_path / 'run')])
-    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert CLI.main(['pretrain', '--direct', '-p', 'lrr', '0.1', '-p', 'run_dir', str(tmp_path / 'run')]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize('params', [dict(data='./no/such/corpus.txt'), dict(tokenizer='./no/such/tokenizer')])
@@ -267,7 +268,7 @@ def test_missing_pretraining_paths_rejected_before_work(params, tmp_path):
 
 
 def test_missing_glue_checkpoint_rejected_before_work(tmp_path, capsys):
-    assert R.main(['glue', '--checkpoint', '/no/such/run', '--runs-dir', str(tmp_path / 'runs')]) == 2
+    assert CLI.main(['glue', '--checkpoint', '/no/such/run', '--runs-dir', str(tmp_path / 'runs')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'checkpoint'" in err[0] and 'does not exist' in err[0]
     assert not (tmp_path / 'runs').exists()
@@ -356,7 +357,8 @@ CHILD = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGKILL)
         return save(obj, f, *a, **k)
     torch.save = dying_save
-    T.main(sys.argv[2:])
+    from concept_nb.cli import main
+    sys.exit(main(['pretrain', '--direct', *sys.argv[2:]]))
 ''')
 
 
@@ -704,11 +706,11 @@ def test_half_written_records_are_incomplete_not_a_crash(template, tmp_path):
     r, f = copy('metrics_not_an_object'); _truncate(r, 0.3); (f / 'metrics.json').write_text('[1, 2]')
     r, f = copy('garbage_sidecars')                              # the record itself is fine
     for name in ('run.json', 'params.json'): (f / name).write_bytes(b'\xff{not json')
-    reg = R.load_registry(runs).set_index('run_id')
+    reg = RG.load_registry(runs).set_index('run_id')
     status = reg.status.to_dict()
     assert status.pop('2026-03-01_garbage_sidecars') == 'completed'
     assert len(status) == 7 and set(status.values()) == {'incomplete'}, status
-    assert R.write_experiment_log(runs).exists()
+    assert RP.write_experiment_log(runs).exists()
 
 
 def test_killed_papermill_run_is_incomplete(template, tmp_path):
@@ -734,7 +736,7 @@ def test_killed_papermill_run_is_incomplete(template, tmp_path):
             except ProcessLookupError: pass
     finally:
         if p.poll() is None: p.kill(); p.wait()
-    row = R.load_registry(runs).iloc[0]
+    row = RG.load_registry(runs).iloc[0]
     assert row.run_id.endswith('_killed') and row.status == 'incomplete', row.status
 
 
@@ -1042,8 +1044,9 @@ def test_yaml_presets_and_parameter_files_cannot_run_code(tmp_path):
     marker = tmp_path / 'CODE_RAN'
     evil = tmp_path / 'evil.yaml'
     evil.write_text(f"steps: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
-    for f in (lambda: PT.load_preset(str(evil)), lambda: R.load_preset(str(evil)), lambda: T.main(['-f', str(evil)]),
-              lambda: R.main(['pretrain', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')])):
+    for f in (lambda: PT.load_preset(str(evil)), lambda: R.load_preset(str(evil)),
+              lambda: CLI.main(['pretrain', '--direct', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')]),
+              lambda: CLI.main(['pretrain', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')])):
         with pytest.raises(yaml.constructor.ConstructorError): f()
     assert not marker.exists() and not (tmp_path / 'runs').exists()
 

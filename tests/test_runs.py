@@ -4,7 +4,7 @@ from pathlib import Path
 
 import nbformat, pandas as pd, papermill as pm, pytest
 
-from concept_nb import runs as R
+from concept_nb import runs as R, registry as RG, report as RP, cli as CLI
 from concept_nb.core import repo_root
 
 ROOT = repo_root(Path(__file__))
@@ -31,7 +31,7 @@ BODY = textwrap.dedent('''
     (run_dir/"metrics.json").write_text(json.dumps(dict(status="running", steps=0)))
     if fail: raise RuntimeError("requested failure")
     (run_dir/"params.json").write_text(json.dumps(dict(params=dict(model_type=model_type, hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers, concept_num=concept_num, steps=steps, dataset="embedded"),
+        num_hidden_layers=num_hidden_layers, concept_num=concept_num, steps=steps, data="embedded"),
         environment=dict(hostname="testhost", device="cpu", git_commit="0"*40))))
     metrics = dict(status="completed", steps=steps, **json.loads(fake_metrics))
 ''').strip()
@@ -75,7 +75,7 @@ def records(tmp_path_factory, tiny):
 
 
 def test_registry_statuses(records):
-    reg = R.load_registry(records['dir']).set_index('run_id')
+    reg = RG.load_registry(records['dir']).set_index('run_id')
     st = reg.status.to_dict()
     assert st[records['pre'].stem] == 'completed' and st[records['glue'].stem] == 'completed'
     assert st[records['failed'].stem] == 'failed' and st['2026-01-02_half_written'] == 'incomplete'
@@ -92,7 +92,7 @@ def test_registry_statuses(records):
 
 
 def test_glue_linked_to_pretraining(records):
-    reg = R.load_registry(records['dir']).set_index('run_id')
+    reg = RG.load_registry(records['dir']).set_index('run_id')
     g = reg.loc[records['glue'].stem]
     assert g.kind == 'glue' and g.source_run_id == records['pre'].stem
     assert g.glue == {('mrpc', 'f1'): 80.2, ('mrpc', 'accuracy'): 68.4, ('stsb', 'pearson'): 12.5, ('stsb', 'spearman'): 11.0}
@@ -105,17 +105,17 @@ def test_read_run_never_raises_on_damaged_records(tmp_path):
     (tmp_path/'2026-01-01_folder_only'/'metrics.json').write_text('{"status": "runn')   # half-written JSON
     (tmp_path/'2026-01-01_not_papermill.ipynb').write_text(nbformat.writes(nbformat.v4.new_notebook()))
     (tmp_path/'_ignored.ipynb').write_text('')
-    reg = R.load_registry(tmp_path)
+    reg = RG.load_registry(tmp_path)
     assert list(reg.run_id) == ['2026-01-01_empty', '2026-01-01_folder_only', '2026-01-01_not_papermill']
     assert set(reg.status) == {'incomplete'}
-    assert R.load_registry(tmp_path/'missing').empty
+    assert RG.load_registry(tmp_path/'missing').empty
 
 
 def test_experiment_log_is_idempotent(records):
     d = records['dir']
-    out = R.write_experiment_log(d)
+    out = RP.write_experiment_log(d)
     first = out.read_bytes()
-    assert R.main(['experiment-log', '--runs-dir', str(d)]) == 0
+    assert CLI.main(['experiment-log', '--runs-dir', str(d)]) == 0
     assert out.read_bytes() == first
     text = first.decode()
     for col in ('date', 'run id', 'architecture', 'data', 'machine', 'steps', 'concept losses', 'task loss',
@@ -141,34 +141,34 @@ def _md_rows(text, first_col):
 def test_experiment_log_input_dependence_column(records):
     """issue 14, defect 7: the experiment log shows each pretraining run's input dependence (from its metrics) in an
     "input dependence" column; records without it (written before it was logged, or failed) show it blank."""
-    text = R.experiment_log(R.load_registry(records['dir']), rel_to=records['dir'])
+    text = RP.experiment_log(RG.load_registry(records['dir']), rel_to=records['dir'])
     header, rows = _md_rows(text.split('## GLUE runs')[0], 'date')
     assert 'input dependence' in header, header                     # today: no such column
     by_name = {r[header.index('run id')]: r[header.index('input dependence')] for r in rows}
-    assert by_name[R.read_run(records['pre'])['run_name']] == '0.417' and by_name['broken'] == ''
-    reg = R.load_registry(records['dir']).set_index('run_id')
+    assert by_name[RG.read_run(records['pre'])['run_name']] == '0.417' and by_name['broken'] == ''
+    reg = RG.load_registry(records['dir']).set_index('run_id')
     assert reg.loc[records['pre'].stem, 'input_dependence'] == 0.417
     assert pd.isna(reg.loc[records['failed'].stem, 'input_dependence'])
 
 
 def test_compare_has_baselines_and_deltas(records):
-    name = R.read_run(records['pre'])['run_name']
-    md = R.compare([records['pre'].stem], records['dir'], BASE)
+    name = RG.read_run(records['pre'])['run_name']
+    md = RP.compare([records['pre'].stem], records['dir'], BASE)
     assert '## Results vs Baselines' in md and '## Pretraining Summary' in md
     assert f'Δ {name} vs BERT-base' in md and f'Δ {name} vs seed L6 perceiver_mlm' in md
-    res, summ = R.compare_tables([name], records['dir'], BASE)
+    res, summ = RP.compare_tables([name], records['dir'], BASE)
     row = res.set_index(['task', 'metric']).loc[('MRPC', 'F1')]
     assert (row['BERT-base'], row[name], row[f'Δ {name} vs BERT-base']) == (89.5, 80.2, -9.3)
     assert summ.set_index('metric').loc['effective rank / C', name] == 2.5 / 4
-    fig = R.plot_compare([name], records['dir'], BASE)
+    fig = RP.plot_compare([name], records['dir'], BASE)
     assert len(fig.axes[0].patches) == 3 * len(res)       # one bar per series and task metric
 
 
 def test_compare_uses_package_baselines(records):
-    base = R.glue_baselines()
+    base = RP.glue_baselines()
     if not base: pytest.skip('concept_nb.glue has no baseline table yet')
     assert any('bert' in n.lower() for n in base)
-    md = R.compare([records['glue'].stem], records['dir'])
+    md = RP.compare([records['glue'].stem], records['dir'])
     assert 'BERT' in md and 'Δ ' in md
 
 
@@ -184,8 +184,8 @@ def test_cli_bad_parameter_exits_2(tiny, tmp_path):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "'stpes'" in err[0] and "did you mean 'steps'" in err[0]
     assert not any(tmp_path.iterdir()), 'nothing is created before the parameters are valid'
-    assert R.main(['pretrain', '--template', str(tiny), '-p', 'lr', 'fast', '--runs-dir', str(tmp_path)]) == 2
-    assert R.main(['pretrain', '--template', str(tiny), '--preset', 'no-such-preset', '--runs-dir', str(tmp_path)]) == 2
+    assert CLI.main(['pretrain', '--template', str(tiny), '-p', 'lr', 'fast', '--runs-dir', str(tmp_path)]) == 2
+    assert CLI.main(['pretrain', '--template', str(tiny), '--preset', 'no-such-preset', '--runs-dir', str(tmp_path)]) == 2
 
 
 def test_cli_real_template_bad_parameter(tmp_path):
@@ -197,10 +197,10 @@ def test_cli_real_template_bad_parameter(tmp_path):
     r = _cli('pretrain', '-p', good[:-1] + 'x', '3', '--runs-dir', str(tmp_path))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and f"'{good}'" in r.stderr
     # cross-parameter rules of the template (more concepts than tokens) also fail before any work
-    assert R.main(['pretrain', '-p', 'concept_num', '100', '-p', 'block_size', '64', '--runs-dir', str(tmp_path)]) == 2
+    assert CLI.main(['pretrain', '-p', 'concept_num', '100', '-p', 'block_size', '64', '--runs-dir', str(tmp_path)]) == 2
     if (ROOT/'nbs'/'91_glue.ipynb').exists():
-        assert R.main(['glue', '--checkpoint', 'runs/no_such_run', '--runs-dir', str(tmp_path)]) == 2
-        assert R.main(['glue', '--checkpoint', '', '--tasks', 'mrpcc', '--runs-dir', str(tmp_path)]) == 2
+        assert CLI.main(['glue', '--checkpoint', 'runs/no_such_run', '--runs-dir', str(tmp_path)]) == 2
+        assert CLI.main(['glue', '--checkpoint', '', '--tasks', 'mrpcc', '--runs-dir', str(tmp_path)]) == 2
     assert not any(tmp_path.iterdir())
 
 
@@ -210,7 +210,7 @@ def test_cli_failed_run_exits_1_with_record(tiny, tmp_path):
     line = r.stderr.strip().splitlines()[-1]
     assert 'RuntimeError: requested failure' in line and 'record:' in line
     rec = next(tmp_path.glob('*_007.ipynb'))            # -r keeps '007' a string
-    assert R.read_run(rec)['status'] == 'failed'
+    assert RG.read_run(rec)['status'] == 'failed'
     assert json.loads((tmp_path/rec.stem/'run.json').read_text())['parameters']['fail'] is True
 
 
@@ -227,7 +227,7 @@ def test_unique_run_dirs_same_name_same_second(tiny, tmp_path):
     assert a != b and a.exists() and b.exists()
     assert a.name == '2026-02-08_perceiver_mlm_H16L2C4_20260208_211633.ipynb'
     assert b.name == '2026-02-08_perceiver_mlm_H16L2C4_20260208_211633-2.ipynb'
-    assert R.read_run(b)['parameters']['run_dir'].endswith(b.stem)
+    assert RG.read_run(b)['parameters']['run_dir'].endswith(b.stem)
 
 
 def test_records_keep_figures_under_agg(tmp_path, monkeypatch):
@@ -240,7 +240,7 @@ def test_records_keep_figures_under_agg(tmp_path, monkeypatch):
     out = nbformat.read(str(rec), as_version=4)
     assert any('image/png' in o.get('data', {}) for c in out.cells for o in c.get('outputs', []))
     assert os.environ['MPLBACKEND'] == 'Agg'
-    assert R.read_run(rec)['status'] == 'completed'      # no metrics cell, but run_notebook records the status
+    assert RG.read_run(rec)['status'] == 'completed'      # no metrics cell, but run_notebook records the status
 
 
 def test_report_notebook_runs_on_test_records(records, tmp_path):
@@ -262,24 +262,24 @@ def _fake_runner(monkeypatch, tiny, calls):
         calls.append((kind, dict(params or {}), preset))
         extra = {'fake_metrics': json.dumps(PRE_METRICS if kind == 'pretrain' else GLUE_METRICS)}
         return real(kind, {**(params or {}), **extra}, runs_dir, None, template=tiny, rules={}, log_output=False)
-    monkeypatch.setattr(R, 'run_notebook', fake)
+    monkeypatch.setattr(CLI, 'run_notebook', fake)   # the command line's own name
 
 
 def test_available_glue_tasks(monkeypatch, tmp_path):
     monkeypatch.delenv('CONCEPT_NB_GLUE_DIR', raising=False)
-    assert R.available_glue_tasks() == ([], None)
+    assert CLI.available_glue_tasks() == ([], None)
     monkeypatch.setenv('CONCEPT_NB_GLUE_DIR', str(tmp_path))
-    assert R.available_glue_tasks()[0] == []
+    assert CLI.available_glue_tasks()[0] == []
     for t in ('MRPC', 'SST-2'):
         (tmp_path/t).mkdir(); (tmp_path/t/'train.tsv').write_text('x'); (tmp_path/t/'dev.tsv').write_text('x')
-    assert R.available_glue_tasks() == (['mrpc', 'sst2'], tmp_path)
+    assert CLI.available_glue_tasks() == (['mrpc', 'sst2'], tmp_path)
 
 
 def test_main_without_glue_data_says_how(monkeypatch, tmp_path, tiny, capsys):
     calls = []
     _fake_runner(monkeypatch, tiny, calls)
     monkeypatch.delenv('CONCEPT_NB_GLUE_DIR', raising=False)
-    assert R.main(['main', '--runs-dir', str(tmp_path)]) == 0
+    assert CLI.main(['main', '--runs-dir', str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert calls == [('pretrain', {}, 'cpu-small')]
     assert 'GLUE step skipped: CONCEPT_NB_GLUE_DIR is not set' in out and 'export CONCEPT_NB_GLUE_DIR=' in out
@@ -293,9 +293,9 @@ def test_main_runs_glue_on_the_new_checkpoint(monkeypatch, tmp_path, tiny, capsy
     for t in ('MRPC', 'STS-B'):
         (glue/t).mkdir(parents=True); (glue/t/'train.tsv').write_text('x'); (glue/t/'dev.tsv').write_text('x')
     monkeypatch.setenv('CONCEPT_NB_GLUE_DIR', str(glue))
-    assert R.main(['main', '--runs-dir', str(tmp_path/'runs')]) == 0
+    assert CLI.main(['main', '--runs-dir', str(tmp_path/'runs')]) == 0
     (k1, _, _), (k2, gp, _) = calls
-    reg = R.load_registry(tmp_path/'runs')
+    reg = RG.load_registry(tmp_path/'runs')
     pre = reg[reg.kind == 'pretrain'].iloc[0]
     assert (k1, k2) == ('pretrain', 'glue') and gp['tasks'] == 'mrpc,stsb' and gp['checkpoint'] == pre.run_dir
     assert reg[reg.kind == 'glue'].iloc[0].source_run_id == pre.run_id
@@ -305,9 +305,23 @@ def test_main_runs_glue_on_the_new_checkpoint(monkeypatch, tmp_path, tiny, capsy
 
 def test_main_failed_pretraining_still_logs(monkeypatch, tmp_path, tiny, capsys):
     real = R.run_notebook
-    monkeypatch.setattr(R, 'run_notebook', lambda kind, params=None, runs_dir='runs', preset=None, **kw:
+    monkeypatch.setattr(CLI, 'run_notebook', lambda kind, params=None, runs_dir='runs', preset=None, **kw:
                         real(kind, {'fail': True}, runs_dir, None, template=tiny, rules={}, log_output=False))
-    assert R.main(['main', '--runs-dir', str(tmp_path)]) == 1
+    assert CLI.main(['main', '--runs-dir', str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert 'requested failure' in captured.err and len(captured.err.strip().splitlines()) == 1
     assert 'failed' in (tmp_path/'EXPERIMENT_LOG.md').read_text() and 'records: ' in captured.out
+
+
+def test_registry_reads_direct_keys_never_the_train_loss(tmp_path):
+    "A record without a held-out loss shows a blank task loss (the name-guessing registry showed its train loss)."
+    d = tmp_path / 'runs' / '2026-01-01_no-eval'
+    d.mkdir(parents=True)
+    (d / 'metrics.json').write_text(json.dumps(dict(status='completed', steps=5, train_loss=3.25, loss=3.25)))
+    (d / 'run.json').write_text(json.dumps(dict(kind='pretrain', run_name='no-eval',
+                                                parameters=dict(hidden_size=16, concept_num=4))))
+    r = RG.read_run(d)
+    assert r['kind'] == 'pretrain' and r['task_loss'] is None
+    assert (r['steps'], r['hidden_size'], r['concept_num']) == (5.0, 16, 4)
+    (d / 'metrics.json').write_text(json.dumps(dict(status='completed', steps=5, train_loss=3.25, eval_loss=4.5)))
+    assert RG.read_run(d)['task_loss'] == 4.5

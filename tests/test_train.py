@@ -7,7 +7,7 @@ from concept_nb.core import ParamError
 from concept_nb.heads import load_model
 from concept_nb.checkpoints import latest_checkpoint, list_checkpoints, resume_point
 from concept_nb.pretrain import PRETRAIN_DEFAULTS, build_pretraining, list_presets, load_preset, resolve_params
-from concept_nb.train import NonFiniteLossError, TrainConfig, main, run_pretraining, train
+from concept_nb.train import NonFiniteLossError, TrainConfig, run_pretraining, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -147,17 +147,37 @@ def test_two_process_ddp_ranks_agree(tmp_path):
     assert (ck / 'COMPLETE').exists() and (ck / 'rng_state_0.pt').exists() and (ck / 'rng_state_1.pt').exists()
 
 
-def test_cli_main_writes_run_record(tmp_path, capsys):
+def _console_script(tmp_path) -> Path:
+    "A folder holding the `concept-nb` console script as pip writes it from settings.ini (an older venv's may differ)."
+    import configparser
+    cfg = configparser.ConfigParser(); cfg.read(ROOT / 'settings.ini')
+    name, target = cfg['DEFAULT']['console_scripts'].split('=')
+    mod, fn = target.split(':')
+    b = tmp_path / 'bin'; b.mkdir()
+    (b / name).write_text(f"#!{sys.executable}\nimport sys\nfrom {mod} import {fn}\nsys.exit({fn}())\n")
+    (b / name).chmod(0o755)
+    return b
+
+
+def test_torchrun_concept_nb_pretrain_writes_run_record(tmp_path):
+    "`torchrun --nproc_per_node 2 --no-python concept-nb pretrain ...`: both processes train, rank 0 writes the record."
+    env = {**os.environ, 'PATH': f"{_console_script(tmp_path)}{os.pathsep}{os.environ['PATH']}", 'OMP_NUM_THREADS': '1',
+           'WANDB_MODE': 'disabled', 'TOKENIZERS_PARALLELISM': 'false'}
     run = tmp_path / 'cli'
-    m = main(['--preset', 'smoke', '-p', 'run_dir', str(run), '-p', 'steps', '6', '-p', 'eval_every', '3', '-p', 'lr', '3e-3',
-              '-p', 'wandb_mode', 'disabled', '-p', 'max_docs', '40', '-p', 'device', 'cpu'])
+    args = ['--preset', 'smoke', '-p', 'run_dir', str(run), '-p', 'steps', '6', '-p', 'eval_every', '3', '-p', 'lr', '3e-3',
+            '-p', 'wandb_mode', 'disabled', '-p', 'max_docs', '40', '-p', 'device', 'cpu']
+    r = subprocess.run([str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2', '--no-python', 'concept-nb',
+                        'pretrain', *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    m = json.loads((run / 'metrics.json').read_text())
     assert m['status'] == 'completed' and m['train']['steps'] == 6 and m['schema'] == 2
-    assert json.loads((run / 'metrics.json').read_text())['status'] == 'completed'
+    assert r.stdout.count('"status": "completed"') == 1                     # rank 0 prints the record, once
     p = json.loads((run / 'params.json').read_text())
     assert p['params']['preset'] == 'smoke' and p['params']['lr'] == 3e-3 and p['model_config']['concept_num'] == 8
     model = load_model(run / 'model')
     assert type(model).__name__ == 'ConceptEncoderForMaskedLM' and (run / 'model' / 'tokenizer.json').exists()
     assert (run / 'log.txt').read_text().count('step ') >= 2
+    assert not (tmp_path / 'runs').exists() and not list(tmp_path.glob('*.ipynb'))   # direct: no papermill record
 
 
 def test_params_validation_and_presets():
