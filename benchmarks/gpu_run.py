@@ -112,7 +112,7 @@ def pretrain(dev, dry, runs_dir) -> dict:
 
 def steady_throughput(metrics:dict) -> float|None:
     "Tokens/s between the second and the last logged training rows (the first one includes warm-up and compilation)."
-    hist = Path(metrics.get('model_dir', '.')).parent / 'history.jsonl'
+    hist = Path(metrics.get('run_dir', '.')) / 'history.jsonl'   # schema-2 record: run_dir at the top level
     rows = [r for r in map(json.loads, hist.read_text().splitlines()) if 'tokens' in r and 'train_s' in r] \
         if hist.is_file() else []
     if len(rows) < 3 or rows[-1]['train_s'] <= rows[1]['train_s']: return None
