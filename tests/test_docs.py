@@ -11,7 +11,7 @@ ROOT = repo_root(Path(__file__))
 CHROMIUM = next((shutil.which(b) for b in ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')
                  if shutil.which(b)), None)
 # The home page and one API page: 03_losses documents its API with show_doc tables and commits a matplotlib figure.
-NOTEBOOKS = ['index.ipynb', '03_losses.ipynb']
+NOTEBOOKS = ['index.ipynb', '05_losses.ipynb']
 
 
 @pytest.fixture(scope='module')
