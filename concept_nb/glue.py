@@ -386,6 +386,49 @@ def resolve_tokenizer(tokenizer, # '' / None: the checkpoint's own tokenizer fol
     "The tokenizer for `checkpoint`."
     return _tok(tokenizer, resolve_checkpoint(checkpoint))
 
+# %% ../nbs/19_glue.ipynb #5880a240
+def _check_task_args(head:str, pair_encoding:str, via_decoder_queries:str, patience:int, protocol:str):
+    "Fail early, naming the arguments, on combinations `run_task` cannot run."
+    if pair_encoding == 'separate' and head != 'pair' or head == 'pair' and pair_encoding != 'separate':
+        raise ValueError(f"head={head!r} with pair_encoding={pair_encoding!r}: the 'pair' head and separate encoding "
+                         "go together")
+    if via_decoder_queries not in VIA_DECODER_QUERIES:
+        raise ValueError(f"via_decoder_queries={via_decoder_queries!r}: expected one of {VIA_DECODER_QUERIES}")
+    if via_decoder_queries == 'token' and head != 'via_decoder':
+        raise ValueError(f"via_decoder_queries='token' needs head='via_decoder', got head={head!r}")
+    if patience and protocol != 'selection': raise ValueError(f"patience={patience} needs protocol='selection'")
+
+def _task_splits(spec:TaskSpec, tok, source, protocol:str, select_fraction:float, min_select:int, max_select:int,
+                 train_subset:int, eval_subset:int, max_length:int, pair_encoding:str) -> tuple[dict, dict]:
+    "The encoded fit / select / dev splits and their sizes (n_train, n_train_all, n_select, n_dev)."
+    data = load_splits(spec, source)
+    fit, select = protocol_split(data['train'], protocol, select_fraction, min_select, max_select)
+    fit, dev = take_subset(fit, train_subset), take_subset(data['validation'], eval_subset)
+    select = None if select is None else take_subset(select, eval_subset)
+    enc = {k: v if v is None else encode_task(v, spec, tok, max_length, pair_encoding)
+           for k, v in dict(fit=fit, select=select, dev=dev).items()}
+    n_sel = 0 if select is None else len(select)
+    return enc, dict(n_train=len(fit), n_train_all=len(data['train']), n_select=n_sel, n_dev=len(dev))
+
+def _fit_seeds(name:str, ck:Checkpoint, spec:TaskSpec, tok, enc:dict, seeds:list, head:str, max_length:int,
+               cfg:dict, ft:dict, log, on_epoch, **extra) -> tuple[list, dict|None]:
+    "A fresh model per seed, each fine-tuned (`finetune(**ft)`) on the same splits; (per-seed results, last report)."
+    per_seed, report = [], None
+    for seed in seeds:
+        model, report = build_classifier(ck, spec, tok, head, seed, max_length, **cfg, **extra)
+        if log and seed == seeds[0]:
+            n = sum(p.numel() for p in model.parameters()) / 1e6
+            new = f", new: {len(report['new'])}" if ck.kind == 'concept' else ''
+            log(f"[{name}] model: {type(model).__name__} ({ck.kind}), {n:.2f}M parameters; "
+                f"loaded {report['loaded']} tensors{new}")
+        cb = (lambda row, seed=seed: on_epoch(name, seed, row)) if on_epoch else None
+        r = finetune(model, enc['fit'], enc['select'], enc['dev'], spec, tok.pad_token_id, seed=seed, log=log,
+                     on_epoch=cb, tag=f"[{name} seed {seed}] ", **ft)
+        per_seed.append(dict(seed=seed, **r))
+        del model
+    return per_seed, report
+
+# %% ../nbs/19_glue.ipynb #a4812b3d
 def run_task(task:str|TaskSpec, # task name
              checkpoint:str|Checkpoint='', # see `resolve_checkpoint`
              tokenizer=None, # tokenizer or name ('' / None: see `resolve_tokenizer`)
@@ -409,62 +452,35 @@ def run_task(task:str|TaskSpec, # task name
     "Fine-tune and evaluate one task over `seeds`; returns a JSON-able result dict (metrics ×100, unrounded)."
     spec, ck, t0 = get_task(task), resolve_checkpoint(checkpoint), time.time()
     seeds = parse_seeds(seeds); epochs = epochs or default_epochs(spec)
-    if pair_encoding == 'separate' and head != 'pair' or head == 'pair' and pair_encoding != 'separate':
-        raise ValueError(f"head={head!r} with pair_encoding={pair_encoding!r}: the 'pair' head and separate encoding go together")
-    if via_decoder_queries not in VIA_DECODER_QUERIES:
-        raise ValueError(f"via_decoder_queries={via_decoder_queries!r}: expected one of {VIA_DECODER_QUERIES}")
-    if via_decoder_queries == 'token' and head != 'via_decoder':
-        raise ValueError(f"via_decoder_queries='token' needs head='via_decoder', got head={head!r}")
-    if patience and protocol != 'selection': raise ValueError(f"patience={patience} needs protocol='selection'")
+    _check_task_args(head, pair_encoding, via_decoder_queries, patience, protocol)
     tok = _tok(tokenizer, ck)
-    data = load_splits(spec, source)
-    fit, select = protocol_split(data['train'], protocol, select_fraction, min_select, max_select)
-    fit, dev = take_subset(fit, train_subset), take_subset(data['validation'], eval_subset)
-    select = None if select is None else take_subset(select, eval_subset)
-    enc = {k: v if v is None else encode_task(v, spec, tok, max_length, pair_encoding)
-           for k, v in dict(fit=fit, select=select, dev=dev).items()}
-    n_all, n_sel = len(data['train']), 0 if select is None else len(select)
-    held = f"{n_sel} selection (held out from train)" if select is not None else 'no selection slice'
-    if log: log(f"[{spec.name}] protocol {protocol}: {len(fit)} of {n_all} train examples fitted / {held} / "
-                f"{len(dev)} dev examples; {epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, "
+    enc, n = _task_splits(spec, tok, source, protocol, select_fraction, min_select, max_select, train_subset,
+                          eval_subset, max_length, pair_encoding)
+    held = f"{n['n_select']} selection (held out from train)" if enc['select'] is not None else 'no selection slice'
+    if log: log(f"[{spec.name}] protocol {protocol}: {n['n_train']} of {n['n_train_all']} train examples fitted / "
+                f"{held} / {n['n_dev']} dev examples; {epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, "
                 f"{pair_encoding} encoding, seeds {seeds}")
     cfg = dict(via_decoder_queries=via_decoder_queries) if head == 'via_decoder' else {}
-
-    def fit_seeds(name, **extra):
-        "One fresh model per seed, fine-tuned on the same splits; returns (per-seed results, the last load report)."
-        per_seed, report = [], None
-        for seed in seeds:
-            model, report = build_classifier(ck, spec, tok, head, seed, max_length, **cfg, **extra)
-            if log and seed == seeds[0]:
-                n = sum(p.numel() for p in model.parameters()) / 1e6
-                new = f", new: {len(report['new'])}" if ck.kind == 'concept' else ''
-                log(f"[{name}] model: {type(model).__name__} ({ck.kind}), {n:.2f}M parameters; "
-                    f"loaded {report['loaded']} tensors{new}")
-            cb = (lambda row, seed=seed: on_epoch(name, seed, row)) if on_epoch else None
-            r = finetune(model, enc['fit'], enc['select'], enc['dev'], spec, tok.pad_token_id, epochs=epochs,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         max_grad_norm=max_grad_norm, patience=patience, seed=seed, device=device, log=log, on_epoch=cb,
-                         tag=f"[{name} seed {seed}] ")
-            per_seed.append(dict(seed=seed, **r))
-            del model
-        return per_seed, report
-
-    per_seed, report = fit_seeds(spec.name)
+    ft = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+              max_grad_norm=max_grad_norm, patience=patience, device=device)
+    fit = lambda name, **kw: _fit_seeds(name, ck, spec, tok, enc, seeds, head, max_length, cfg, ft, log, on_epoch, **kw)
+    per_seed, report = fit(spec.name)
     control = None
     if cfg.get('via_decoder_queries') == 'token':     # token queries can bypass the concepts: fit the head on zeros
         if log: log(f"[{spec.name}] control: the same head and seeds, concepts replaced by zeros (zero_concepts=True)")
-        ctl, _ = fit_seeds(f"{spec.name}/zero_concepts", zero_concepts=True)
+        ctl, _ = fit(f"{spec.name}/zero_concepts", zero_concepts=True)
         control = dict(zero_concepts=True, per_seed=ctl, **aggregate(ctl))
-    majority = None if spec.is_regression else \
-        compute_metrics(spec, np.full(len(dev), np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()), enc['dev'].labels)
+    majority = None if spec.is_regression else compute_metrics(     # the majority *train* class, scored on dev
+        spec, np.full(n['n_dev'], np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()),
+        enc['dev'].labels)
     return dict(task=spec.name, mode='finetune', status='completed', metrics=list(task_metric_names(spec)),
                 headline_metric=spec.headline_metric, checkpoint=ck.name, source_run=ck.source_run, head=head,
                 pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds, epochs=epochs,
-                batch_size=batch_size, lr=lr, max_length=max_length, n_train=len(fit), n_train_all=n_all,
-                n_select=n_sel, n_dev=len(dev), per_seed=per_seed, **aggregate(per_seed), control=control,
-                majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
+                batch_size=batch_size, lr=lr, max_length=max_length, **n, per_seed=per_seed, **aggregate(per_seed),
+                control=control, majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
                 time_s=round(time.time() - t0, 2))
 
+# %% ../nbs/19_glue.ipynb #6a57fae4
 @torch.no_grad()
 def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: stsb or sick_relatedness
                    checkpoint:str|Checkpoint='', tokenizer=None, max_length:int=128, batch_size:int=128,
