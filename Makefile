@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # Real GLUE files for tests and the GLUE step of `make run`; override with your own GLUE-format folder.
 export CONCEPT_NB_GLUE_DIR ?= $(abspath ../shared/data/glue)
 
-.PHONY: install test test-nbs test-py sync-check run docs outputs bench clean-nbs export readme browser \
+.PHONY: install test test-nbs test-py sync-check lint run docs outputs bench clean-nbs export readme browser \
   experiment-log
 
 $(STAMP): constraints.txt settings.ini setup.py pyproject.toml
@@ -27,6 +27,10 @@ install: $(STAMP)
 # Notebooks are clean and the library is what nbdev_export makes of them.
 sync-check: install
 	bash .ci/sync_check.sh $(BIN)
+
+# ruff (rules in pyproject.toml: F, E9, B, E501 at 120 characters) over the exported library, tests and benchmarks.
+lint: install
+	$(BIN)/ruff check concept_nb tests benchmarks
 
 # Notebooks that commit outputs run in tests/test_outputs.py instead, which also compares their outputs.
 WITH_OUTPUTS = $(BIN)/python -c "import re; from concept_nb.docs import notebooks_with_outputs as f; \
@@ -44,7 +48,7 @@ browser:
 test-py: install browser
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests -q -x --durations=10
 
-test: sync-check test-nbs test-py
+test: sync-check lint test-nbs test-py
 
 run: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/concept-nb main

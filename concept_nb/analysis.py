@@ -383,7 +383,7 @@ class ConceptReport:
 
     def summary(self) -> str:
         "Markdown: headline ranks, the graded table and the recommendations."
-        m, b, C, H = self.metrics, self.batch_metrics, self.concept_num, self.hidden_size
+        m, C, H = self.metrics, self.concept_num, self.hidden_size
         name = self.meta.get('name', '')
         lines = [f"**Concept report{' — ' + str(name) if name else ''}**: {self.n_samples} samples in {self.n_batches} "
                  f"batches, C={C} concepts × H={H}", '',

@@ -199,7 +199,7 @@ def _local_model(p:Path, name:str) -> Checkpoint:
         if has_weights(d): return Checkpoint(_model_kind(d), d, name, _source_run(d))
     last = latest_checkpoint(p)           # only checkpoints whose COMPLETE marker was written
     if last is not None:
-        warnings.warn(f"{p} has no model/ folder (unfinished run?): using its newest checkpoint {last}")
+        warnings.warn(f"{p} has no model/ folder (unfinished run?): using its newest checkpoint {last}", stacklevel=2)
         return Checkpoint(_model_kind(last), last, name, _source_run(last))
     raise FileNotFoundError(f"checkpoint {p} holds no config.json, model/config.json or checkpoints/step-N: pass a run "
                             "folder (runs/<run>), a folder written by save_pretrained, or '' for a tiny random model")

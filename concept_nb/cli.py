@@ -7,9 +7,10 @@ from __future__ import annotations
 import os, re, sys, json, argparse, logging, subprocess
 from pathlib import Path
 from typing import Sequence
-from .core import ParamError, atomic_write_text, repo_root
-from .runs import (RunFailed, declared_params, preset_names, parse_value, project_root, launch_params,
-                             run_notebook, task_list, template_path, type_names)
+from .core import ParamError, atomic_write_text, parse_value
+from .runs import (RunFailed, declared_params, preset_names, project_root, launch_params,
+                             run_notebook, template_path, type_names)
+from .records import task_list
 from .registry import read_run
 from .report import compare, headline, plot_compare, write_experiment_log
 from .report import _v

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_collators.ipynb #a204f8bc
 from __future__ import annotations
-import math, re
+import math
 from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor

@@ -97,8 +97,10 @@ class ConceptEncoderConfig(PretrainedConfig):
                    f"must be None or an integer >= 1, got {self.num_iterations!r}")
         _check(self.concept_position_type in POSITION_TYPES, 'concept_position_type',
                f"{self.concept_position_type!r} is not one of {POSITION_TYPES}")
-        _check(self.decoder_type in DECODER_TYPES, 'decoder_type', f"{self.decoder_type!r} is not one of {DECODER_TYPES}")
-        _check(self.decoder_loss in ('sparse', 'dense'), 'decoder_loss', f"{self.decoder_loss!r} is not 'sparse' or 'dense'")
+        _check(self.decoder_type in DECODER_TYPES, 'decoder_type',
+               f"{self.decoder_type!r} is not one of {DECODER_TYPES}")
+        _check(self.decoder_loss in ('sparse', 'dense'), 'decoder_loss',
+               f"{self.decoder_loss!r} is not 'sparse' or 'dense'")
         _check(self.classifier_head in CLASSIFIER_HEADS, 'classifier_head',
                f"{self.classifier_head!r} is not one of {CLASSIFIER_HEADS}")
         _check(self.via_decoder_queries in ('position', 'token'), 'via_decoder_queries',

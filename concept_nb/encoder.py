@@ -72,7 +72,8 @@ class BiXTLayer(nn.Module):
     def __init__(self, config:ConceptEncoderConfig, update_tokens:bool=True):
         super().__init__()
         H, eps = config.hidden_size, config.layer_norm_eps
-        self.nh, self.p, self.update_tokens = config.num_attention_heads, config.attention_probs_dropout_prob, update_tokens
+        self.nh, self.update_tokens = config.num_attention_heads, update_tokens
+        self.p = config.attention_probs_dropout_prob
         self.ln_c, self.ln_x, self.ln_s, self.ln_f = [nn.LayerNorm(H, eps=eps) for _ in range(4)]
         # shared "query-key" projections: the same similarity serves both directions, ~1/3 fewer attention params
         self.rv_c = nn.Linear(H, 2 * H if update_tokens else H)         # (shared qk, value for tokens) of the concepts

@@ -19,7 +19,7 @@ from .heads import (CLASSIFIER_REGISTRY, ConceptEncoderForSequenceClassification
 from .data import load_tokenizer
 from .tasks import TASKS, TaskSpec, TaskDataError, get_task, load_task
 from .glue_metrics import compute_metrics, task_metric_names
-from .train import param_groups, make_optimizer, make_scheduler
+from .train import param_groups, make_optimizer
 
 # %% auto #0
 __all__ = ['TASK_EPOCHS', 'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES', 'ZERO_SHOT_TASKS',
@@ -174,7 +174,7 @@ def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
     nl, pt = spec.num_labels, 'regression' if spec.is_regression else 'single_label_classification'
     torch.manual_seed(seed)
     if ck.kind == 'random':
-        if head == 'via_decoder': warnings.warn("head='via_decoder' on a random model: its decoder is random too")
+        if head == 'via_decoder': warnings.warn("head='via_decoder' on a random model: its decoder is random too", stacklevel=2)
         model = ConceptEncoderForSequenceClassification(tiny_config(tokenizer, max_length, classifier_head=head,
                                                                     num_labels=nl, problem_type=pt, **config_kwargs))
         report = dict(loaded=0, new=sorted(model.state_dict()), note='tiny randomly initialised model: nothing loaded')

@@ -11,7 +11,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 from transformers.utils import ModelOutput
 from .config import ConceptEncoderConfig
-from .encoder import ConceptPreTrainedModel, ConceptEncoder, Attention, GatedFFN, sinusoidal_table
+from .encoder import ConceptPreTrainedModel, ConceptEncoder, Attention, GatedFFN
 
 # %% auto #0
 __all__ = ['DECODERS', 'CLASSIFIER_REGISTRY', 'MODEL_REGISTRY', 'MODEL_CLASSES', 'ConceptMaskedLMOutput',

@@ -63,7 +63,9 @@ def _offdiag_mean(m):
     return m.masked_fill(torch.eye(C, dtype=torch.bool, device=m.device), 0).sum() / (m.shape[0] * C * (C - 1))
 
 def _warn_if_infeasible(c, name):
-    if c.shape[1] > c.shape[2]: warnings.warn(f"{name}: C={c.shape[1]} > H={c.shape[2]}, so the concepts cannot all be orthogonal; the loss cannot reach 0")
+    if c.shape[1] > c.shape[2]:
+        warnings.warn(f"{name}: C={c.shape[1]} > H={c.shape[2]}, so the concepts cannot all be orthogonal; the loss "
+                      "cannot reach 0", stacklevel=2)
 
 @register_loss('orthogonality', pairwise=True, lower_bound=0.)
 def orthogonality(c):

@@ -8,8 +8,8 @@ import os, re, ast, sys, json, socket, difflib, logging, datetime as dt
 from pathlib import Path
 from typing import Sequence, Mapping
 import yaml, nbformat
-from .core import ParamError, check_params, atomic_write_json, reserve_run_dir, repo_root, parse_value
-from .records import safe_name, task_list, source_run_of, default_run_name
+from .core import ParamError, check_params, atomic_write_json, reserve_run_dir, repo_root
+from .records import safe_name, default_run_name
 from .pretrain import resolve_params as _pretrain_params   # the template's own cross-checks
 from .glue import check_glue_params
 
@@ -21,7 +21,7 @@ __all__ = ['TEMPLATES', 'RULES', 'PRESET_TABLES', 'INLINE_BACKEND', 'project_roo
 
 # %% ../nbs/20_runs.ipynb #10376d0e
 TEMPLATES = {'pretrain': '90_pretrain.ipynb', 'glue': '91_glue.ipynb'}
-RULES = {'pretrain': ('concept_nb.train', 'PRETRAIN_RULES'), 'glue': ('concept_nb.glue', 'GLUE_RULES')}
+RULES = {'pretrain': ('concept_nb.pretrain', 'PRETRAIN_RULES'), 'glue': ('concept_nb.glue', 'GLUE_RULES')}
 
 def project_root(root=None) -> Path:
     "The repository root: above `root`, else above the working directory, else above this package."

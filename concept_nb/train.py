@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_train.ipynb #22d353ef
 from __future__ import annotations
-import contextlib, datetime, json, math, os, random, sys, time
+import contextlib, datetime, math, os, random, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import numpy as np
@@ -17,7 +17,7 @@ from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_mode
 from .records import (History, Recorder, resume_history, make_record, write_record, start_run,
                                 write_run_params, record_failure, init_wandb)
 from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RULES,
-                                BatchStream, derive_seed, resolve_params, build_pretraining, list_presets)
+                                BatchStream, derive_seed, resolve_params, build_pretraining)
 
 # %% auto #0
 __all__ = ['param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig', 'resolve_mixed_precision', 'make_accelerator',

@@ -85,7 +85,7 @@ def test_whole_word_masks_whole_words(kind):
     coll = MLMCollator(tok, masking='whole_word', mlm_probability=0.2, seed=1)
     fs = feats(kind)
     n_cand = n_sel = n_words = n_split = 0
-    for p in range(2):
+    for _ in range(2):
         for i in range(0, len(fs), 16):
             out = coll(fs[i:i + 16])
             sel = out['labels'] != IGNORE_INDEX

@@ -1,5 +1,5 @@
 """Integration tests for concept_nb.data: embedded corpus, text sources, tokenizers, packing and task loaders."""
-import csv, importlib.util, json, math, os, shutil, time
+import importlib.util, json, math, os, shutil, time
 from pathlib import Path
 
 import numpy as np

@@ -6,7 +6,7 @@ import numpy as np, pytest, torch
 import concept_nb.glue as glue
 from concept_nb.glue import *
 from concept_nb.glue_metrics import *
-from concept_nb.checkpoints import Checkpoint, resolve_checkpoint
+from concept_nb.checkpoints import resolve_checkpoint
 from concept_nb.records import default_run_name
 from concept_nb.core import ParamError, check_params
 from concept_nb.data import load_tokenizer
@@ -186,7 +186,7 @@ def test_smoke_finetune_real(task, head, tok):
     assert r['status'] == 'completed' and (r['n_train'], r['n_dev']) == (48, 48) and r['n_select'] == 48
     assert r['epochs'] == 1 and [s['seed'] for s in r['per_seed']] == [3, 4]
     assert set(r['final']) == set(task_metric_names(task)) == set(r['final_sd']) == set(r['best_epoch'])
-    for m, v in r['final'].items():
+    for v in r['final'].values():
         assert v != v or -100 <= v <= 100
     assert any('held out from train' in l for l in lines) and any('epoch 1/1' in l for l in lines)
     assert (r['majority'] is None) == (task == 'stsb')

@@ -1,7 +1,7 @@
 """Issue 2 invariants as a table: every registry model trains, ignores padding and round-trips bit for bit."""
 import json, pytest, torch
 from concept_nb.config import ConceptEncoderConfig
-from concept_nb.encoder import ConceptEncoder, padding_invariance_error
+from concept_nb.encoder import padding_invariance_error
 from concept_nb.heads import (MODEL_REGISTRY, CLASSIFIER_REGISTRY, build_model, load_model, classifier_from_pretrained,
                               ConceptEncoderForSequenceClassification)
 

@@ -3,7 +3,6 @@ deleted, attended or labelled; the MDLM estimator is its formula; `generate` fil
 alone; the prefix objective's loss reads only the suffix; a TSDAE run warm-starts from an MLM encoder exactly."""
 import json, math, os
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch

@@ -20,7 +20,7 @@ from concept_nb import glue as G
 from concept_nb import runs as R, registry as RG, report as RP, cli as CLI
 from concept_nb.collators import (DiffusionCollator, IGNORE_INDEX, MaskedReconstructionCollator, MLMCollator,
                                   PrefixDiffusionCollator, TSDAECollator)
-from concept_nb.core import ParamError, atomic_write_json, atomic_write_text
+from concept_nb.core import ParamError, atomic_write_json, atomic_write_text, parse_value
 from concept_nb.data import load_text, load_tokenizer, pack_documents
 from concept_nb.heads import (ConceptEncoderForMaskedLM, build_model, classifier_from_pretrained, load_model,
                               read_state_dict)
@@ -158,7 +158,7 @@ def cli_args(params:dict) -> list[str]:
         if isinstance(v, str): out += ['-r', k, v]
         else:
             s = repr(v) if isinstance(v, float) else str(v)
-            assert R.parse_value(s) == v and type(R.parse_value(s)) is type(v), (k, v)
+            assert parse_value(s) == v and type(parse_value(s)) is type(v), (k, v)
             out += ['-p', k, s]
     return out
 
@@ -563,7 +563,7 @@ def test_other_model_types_are_refused(good_model, tmp_path):
 
 def test_garbage_or_missing_config_is_named(good_model, tmp_path):
     for name, text in (('not_json', '{"model_type": "concept_enc'), ('empty', ''), ('control_chars', '\x00\x01\x02')):
-        d = _variant(good_model, tmp_path, name, lambda d: (d / 'config.json').write_text(text))
+        d = _variant(good_model, tmp_path, name, lambda d, text=text: (d / 'config.json').write_text(text))
         for f in (load_model, lambda p: classifier_from_pretrained(p)):
             with pytest.raises(ValueError, match=re.escape(str(d / 'config.json'))): f(d)
     d = _variant(good_model, tmp_path, 'no_config', lambda d: (d / 'config.json').unlink())
@@ -1070,7 +1070,7 @@ def unsafe_calls(src:str, package:bool=True) -> list[str]:
     for n in ast.walk(ast.parse(src)):
         if not isinstance(n, ast.Call): continue
         f, kw = ast.unparse(n.func), {k.arg: k.value for k in n.keywords}
-        true = lambda k: isinstance(kw.get(k), ast.Constant) and kw[k].value is True
+        true = lambda k, kw=kw: isinstance(kw.get(k), ast.Constant) and kw[k].value is True
         line = f'line {n.lineno}: {ast.unparse(n)[:100]}'
         if f.split('.')[-1] == 'load' and f.split('.')[0] in ('torch', 'th') and not true('weights_only'): bad.append(line)
         elif 'trust_remote_code' in kw and not (isinstance(kw['trust_remote_code'], ast.Constant) and kw['trust_remote_code'].value is False):
