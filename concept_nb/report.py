@@ -547,6 +547,7 @@ def headline(run:Mapping) -> str:
     else:
         parts = [f"steps {_fmt(g('steps'), 0)}" if g('steps') is not None else '',
                  f"task loss {_fmt(g('task_loss'), 3)}" if g('task_loss') is not None else '',
+                 f"below context-free floor {_below(run)}" if g('below_floor_masked') is not None else '',
                  f"eff. rank {_rank(run)}" if g('effective_rank') is not None else '',
                  f"mean sim {_fmt(g('mean_similarity'), 3)}" if g('mean_similarity') is not None else '', _speed(run)]
     if g('duration_s'): parts.append(f"{_fmt(g('duration_s'), 0)} s")

@@ -160,9 +160,9 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
             for k in range(n_batches):
                 batch = _to(eval_data.batch(k, rank, world), device)
                 out = model(**batch)
-                if mlm is not None:                                   # logits of the labelled rows, or dense
-                    lg = getattr(out, 'masked_logits', None)
-                    mlm.add(out.logits if lg is None else lg, batch['labels'], batch['input_ids'])
+                lg = getattr(out, 'masked_logits', None)              # logits of the labelled rows, or dense
+                lg = getattr(out, 'logits', None) if lg is None else lg
+                if mlm is not None and lg is not None: mlm.add(lg, batch['labels'], batch['input_ids'])
                 vals = {'eval_loss': out.loss.float()}
                 if getattr(out, 'recon_nelbo', None) is not None: vals['eval_recon_nelbo'] = out.recon_nelbo.float()
                 if loss_manager is not None and getattr(loss_manager, 'names', None):

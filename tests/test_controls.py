@@ -63,6 +63,8 @@ def test_held_out_loss_split_by_position_type():
     assert s['eval_mlm_loss_masked'] == pytest.approx(lv / 2, abs=1e-6)
     assert s['eval_mlm_loss_all'] == pytest.approx((0 + 2 * lv + 40) / 4, abs=1e-4)
     assert (s['eval_mlm_positions_masked'], s['eval_mlm_positions_all']) == (2, 4)
+    assert s['eval_mlm_loss_masked_se'] == pytest.approx(lv / 2, abs=1e-6)         # s = lv / sqrt(2), n = 2
+    assert s['eval_mlm_loss_all_se'] == pytest.approx(mean_se(torch.tensor([0, lv, lv, 40.]))[1], rel=1e-4)
     assert s['floor_masked'] == pytest.approx(-(math.log(7 / 12) + math.log(3 / 12)) / 2)
     assert s['below_floor_masked'] == pytest.approx(s['floor_masked'] - s['eval_mlm_loss_masked'], abs=1e-9)
     st2 = MLMEvalStats(1, st.floor); st2.add(lg[:3], labels[:1], inp[:1]); st2.add(lg[3:], labels[1:], inp[1:])
@@ -103,3 +105,9 @@ def test_compare_marks_differences_within_noise():
                        _row('c', below_floor_masked=0.16, below_floor_masked_se=0.01)])
     d = run_differences(df, [df.iloc[0], df.iloc[1], df.iloc[2]]).set_index('run')
     assert d.loc['b', 'verdict'] == 'within noise' and d.loc['c', 'verdict'] == 'beyond noise'   # 2 sqrt(2) 0.01 = .028
+
+
+def test_headline_shows_the_distance_to_the_floor():
+    from concept_nb.report import headline
+    h = headline(dict(kind='pretrain', status='completed', task_loss=6.3, below_floor_masked=0.1, below_floor_masked_se=0.01))
+    assert 'task loss 6.3 · below context-free floor 0.1 ± 0.01' in h
