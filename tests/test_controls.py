@@ -109,5 +109,6 @@ def test_compare_marks_differences_within_noise():
 
 def test_headline_shows_the_distance_to_the_floor():
     from concept_nb.report import headline
-    h = headline(dict(kind='pretrain', status='completed', task_loss=6.3, below_floor_masked=0.1, below_floor_masked_se=0.01))
+    h = headline(dict(kind='pretrain', status='completed', task_loss=6.3, below_floor_masked=0.1,
+                      below_floor_masked_se=0.01))
     assert 'task loss 6.3 · below context-free floor 0.1 ± 0.01' in h
