@@ -153,6 +153,8 @@ class PretrainParams:
     eval_every:int=param(10, ('>=', 0)) # steps between evaluations (held-out loss + concept geometry; also at start
         # and end)
     eval_batches:int=param(2, ('>=', 1)) # held-out micro-batches per evaluation
+    final_eval_batches:int=param(0, ('>=', 0)) # held-out micro-batches of the final evaluation (the record's MLM
+        # losses, distance to the context-free floor and their standard errors; 0: eval_batches)
     save_every:int=param(10, ('>=', 0)) # steps between checkpoints (0: only at the end)
     keep_checkpoints:int=param(2, ('>=', 0)) # newest checkpoints kept (0: all)
     log_every:int=param(5, ('>=', 1)) # steps between log lines

@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_registry.ipynb #65fcea0b
 from __future__ import annotations
-import os, re, math, socket
+import hashlib, json, os, re, math, socket
 from pathlib import Path
 from typing import Mapping
 import nbformat
@@ -17,7 +17,8 @@ from .runs import _NOVAL, _ast_params, _literal, _read_json
 
 # %% auto #0
 __all__ = ['TASK_NAMES', 'METRIC_NAMES', 'KEY_METRIC', 'PARAM_COLUMNS', 'REGISTRY_COLUMNS', 'flatten', 'canon_task',
-           'canon_metric', 'glue_scores', 'glue_protocol', 'glue_control', 'read_run', 'load_registry']
+           'canon_metric', 'glue_scores', 'glue_protocol', 'glue_control', 'read_run', 'load_registry', 'config_key',
+           'run_params', 'group_seeds', 'seed_group']
 
 # %% ../nbs/21_registry.ipynb #65953f78
 def flatten(d, prefix:str='') -> dict:
@@ -177,11 +178,14 @@ def _metrics_view(m:dict, kind:str, params:dict) -> dict:
     if m.get('schema') != SCHEMA_VERSION: return m
     return {**(m.get('glue') or {}), **{k: m[k] for k in TOP_KEYS if k in m and k != 'schema'}}
 
+# the held-out MLM losses and the distance to the context-free floor (issue 16; blank in older records)
+_MLM_COLUMNS = ('eval_mlm_loss_masked', 'eval_mlm_loss_masked_se', 'eval_mlm_loss_all', 'eval_mlm_loss_all_se',
+               'floor_masked', 'floor_all', 'below_floor_masked', 'below_floor_masked_se')
 # columns a record may lack (GLUE runs, records from before the field existed), read from the run parameters
 PARAM_COLUMNS = {'model_type': 'model_type', 'hidden_size': 'hidden_size', 'num_layers': 'num_hidden_layers',
                  'concept_num': 'concept_num', 'data': 'data', 'tokenizer': 'tokenizer', 'objective': 'objective',
                  'epochs': 'epochs', 'concept_losses': 'concept_losses', 'loss_weighting': 'loss_weighting',
-                 'loss_weight': 'loss_weight', 'checkpoint': 'checkpoint', 'tasks': 'tasks'}
+                 'loss_weight': 'loss_weight', 'checkpoint': 'checkpoint', 'tasks': 'tasks', 'control': 'control'}
 
 def _record_paths(path) -> tuple[Path, Path]:
     "(notebook record, run folder) of a record path or a run folder."
@@ -216,7 +220,8 @@ def _columns(rec:dict, pv:dict, pj:dict, pm_meta:dict) -> dict:
     cols['git_commit'] = env.get('git_commit')
     if pm_meta.get('duration') is not None: cols['duration_s'] = pm_meta['duration']   # papermill's wall clock
     for k in ('num_parameters', 'steps', 'epochs', 'loss_weight', 'task_loss', 'effective_rank', 'mean_similarity',
-              'max_similarity', 'input_dependence', 'steps_per_s', 'tokens_per_s', 'duration_s'): cols[k] = _num(cols.get(k))
+              'max_similarity', 'input_dependence', 'steps_per_s', 'tokens_per_s', 'duration_s', *_MLM_COLUMNS):
+        cols[k] = _num(cols.get(k))
     return cols
 
 def read_run(path # a record (.ipynb) or its run folder
@@ -247,7 +252,8 @@ def read_run(path # a record (.ipynb) or its run folder
                error=err or (metrics.get('error') if status == 'failed' else None),
                record=str(record) if record.exists() else None, run_dir=str(run_dir) if run_dir.exists() else None,
                parameters=params, metrics=metrics, params_json=pj, run_json=rj, model_config=cfg)
-    if not glue: run.update(checkpoint=None, source_run=None, tasks=None)
+    if not glue: run.update(checkpoint=None, source_run=None, tasks=None, control=None)
+    elif not run.get('control') and metrics.get('random_init') is True: run['control'] = 'random_init'   # schema 1
     else:
         run['tasks'] = ', '.join(task_list(pv.get('tasks') or run['tasks']))   # in the order the run was asked for
         if not run['source_run'] and run['checkpoint']: run['source_run'] = source_run_of(run['checkpoint'])
@@ -258,10 +264,11 @@ def read_run(path # a record (.ipynb) or its run folder
 REGISTRY_COLUMNS = ['run_id', 'date', 'kind', 'status', 'run_name', 'model_type', 'hidden_size', 'num_layers',
                     'concept_num', 'num_parameters', 'data', 'tokenizer', 'objective', 'machine', 'git_commit', 'steps', 'epochs',
                     'concept_losses', 'loss_weighting', 'loss_weight', 'task_loss', 'effective_rank', 'mean_similarity',
-                    'max_similarity', 'input_dependence', 'steps_per_s', 'tokens_per_s', 'duration_s', 'start_time',
+                    'max_similarity', 'input_dependence', *_MLM_COLUMNS, 'steps_per_s', 'tokens_per_s', 'duration_s',
+                    'start_time',
                     'end_time',
-                    'checkpoint', 'source_run', 'source_run_id', 'tasks', 'glue', 'glue_best', 'error', 'record',
-                    'run_dir', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config']
+                    'checkpoint', 'source_run', 'source_run_id', 'control', 'tasks', 'glue', 'glue_best', 'error',
+                    'record', 'run_dir', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config']
 
 def _record_ids(runs_dir:Path) -> list[str]:
     ids = set()
@@ -305,3 +312,42 @@ def load_registry(runs_dir='runs' # folder of run records
         df[c] = [x if isinstance(x, dict) else {} for x in df[c]]
     _link_sources(df)
     return df.reset_index(drop=True)
+
+# %% ../nbs/21_registry.ipynb #78cff38d
+_BOOKKEEPING = ('seed', 'seeds', 'run_name', 'run_dir', 'resume_from', 'preset', 'progress', 'wandb_mode',
+                    'log_every', 'save_every', 'keep_checkpoints', 'num_workers', 'cpu_threads', 'checkpoint')
+
+def config_key(params:Mapping, # a run's (resolved) parameters
+               ignore:tuple=_BOOKKEEPING, # names that do not change the configuration
+              ) -> str:
+    "A short stable key of a run's configuration: equal for runs that differ only in seed and bookkeeping."
+    items = {str(k): v for k, v in params.items() if k not in ignore}
+    return hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+# %% ../nbs/21_registry.ipynb #cfd6dda3
+def run_params(row) -> dict:
+    "A registry row's resolved run parameters (params.json, else run.json), or its injected ones for old records."
+    pj, rj = _v(row, 'params_json') or {}, _v(row, 'run_json') or {}
+    return dict(pj.get('params') or rj.get('resolved') or _v(row, 'parameters') or {})
+
+def _v(row, k):
+    v = row.get(k) if hasattr(row, 'get') else getattr(row, k, None)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+def group_seeds(df:pd.DataFrame, # `load_registry` output
+               ) -> dict:
+    "{config key: [run ids]} of the completed runs, seeds of one configuration together (GLUE: with their sources')."
+    ok = df[df.status == 'completed'] if len(df) else df
+    pre = {r.run_id: config_key(run_params(r)) for _, r in ok.iterrows() if r.kind == 'pretrain'}
+    out = {}
+    for _, r in ok.iterrows():
+        if r.kind == 'pretrain': key = pre[r.run_id]
+        elif r.kind == 'glue':                                           # its own parameters and its source's config
+            key = f"{config_key(run_params(r))}:{pre.get(_v(r, 'source_run_id'), _v(r, 'source_run'))}"
+        else: continue
+        out.setdefault(key, []).append(r.run_id)
+    return out
+
+def seed_group(df:pd.DataFrame, run_id:str) -> list[str]:
+    "Run ids of the completed seeds of `run_id`'s configuration (itself included; [run_id] when it has none)."
+    return next((ids for ids in group_seeds(df).values() if run_id in ids), [run_id])

@@ -13,13 +13,15 @@ from matplotlib.figure import Figure
 from .core import atomic_write_text
 from .glue_metrics import BASELINES, DEFAULT_BASELINES, BASELINE_SOURCES
 from .registry import (TASK_NAMES, METRIC_NAMES, KEY_METRIC, canon_task, canon_metric, glue_scores,
-                                 glue_protocol, glue_control, load_registry)
-from .registry import _num, _sort_key, _link_sources, _train_str, _train_summary
+                                 group_seeds, seed_group,
+                                 glue_protocol, glue_control, read_run, load_registry)
+from .registry import _num, _sort_key, _link_sources, _train_str, _train_summary, _scores_from
 
 
 # %% auto #0
-__all__ = ['SEED_PRETRAIN', 'md_table', 'linked_glue', 'experiment_log', 'write_experiment_log', 'glue_baselines',
-           'compare_tables', 'compare', 'plot_compare', 'plot_rank_vs_glue', 'headline']
+__all__ = ['SEED_PRETRAIN', 'md_table', 'linked_glue', 'experiment_log', 'write_experiment_log', 'seeds_section',
+           'glue_baselines', 'compare_tables', 'compare', 'noise_verdict', 'run_differences', 'plot_compare',
+           'plot_rank_vs_glue', 'headline']
 
 # %% ../nbs/22_report.ipynb #83c3ef1a
 def _fmt(x, nd:int=3) -> str:
@@ -78,14 +80,20 @@ def _score_str(scores:Mapping, key_only:bool=True) -> str:
     if key_only: items = [kv for kv in items if KEY_METRIC.get(kv[0][0]) == kv[0][1]] or items
     return ', '.join(f"{TASK_NAMES.get(t, t)} {METRIC_NAMES.get(m, m)} {_fmt(v, 1)}" for (t, m), v in items)
 
+def _control(r) -> str|None:
+    "The control a GLUE row is ('random_init': the architecture fine-tuned untrained), or None."
+    return _v(r, 'control') or None
+
 def linked_glue(df:pd.DataFrame, # registry
-                run_id:str # a pretraining run id
+                run_id:str, # a pretraining run id
+                control:str|None=None, # None: the pretrained model's scores; 'random_init': its untrained control's
                ) -> dict:
     "GLUE scores of the completed GLUE runs linked to `run_id`; for each task the latest run wins."
     out = {}
     if df.empty: return out
     g = df[(df.kind == 'glue') & (df.source_run_id == run_id) & (df.status == 'completed')]
     for _, r in sorted(g.iterrows(), key=lambda x: _sort_key(x[1])):
+        if _control(r) != control: continue
         tasks = {t for t, _ in r.glue}
         out = {k: v for k, v in out.items() if k[0] not in tasks}
         out.update(r.glue)
@@ -109,17 +117,21 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
              "Task loss is the final held-out loss of the pretraining objective; effective rank is the global effective "
              "rank of the concept vectors / C; input dependence is the share of the concept variance that changes "
              "with the input (0: the same concepts for every input; blank in records from before it was logged); "
-             "GLUE scores (x100, final epoch) come from the completed GLUE runs linked to each pretraining run.", '']
+             "GLUE scores (x100, final epoch) come from the completed GLUE runs linked to each pretraining run. "
+             "Below context-free floor: the context-free floor minus the held-out MLM loss at [MASK]-replaced "
+             "positions, ± its standard error (positive: the model uses context; '—': not an MLM run or a record from "
+             "before it was logged).", '']
     pre = [r for r in rows if r.kind == 'pretrain']
     lines += ['## Pretraining runs', '']
     if pre:
         lines.append(md_table(
             ['date', 'run id', 'status', 'architecture', 'data', 'machine', 'steps', 'concept losses (weighting)',
-             'task loss', 'eff. rank', 'input dependence', 'GLUE', 'speed', 'record'],
+             'task loss', 'below context-free floor (nats)', 'eff. rank', 'input dependence', 'GLUE', 'speed',
+             'record'],
             [[_v(r, 'date'), r.run_name, _status(r), _arch(r), _v(r, 'data'), _v(r, 'machine'),
-              _fmt(_v(r, 'steps'), 0), _losses(r), _fmt(_v(r, 'task_loss'), 3), _rank(r),
-              _fmt(_v(r, 'input_dependence'), 3),
-              _score_str(linked_glue(df, r.run_id)), _speed(r), _link(_v(r, 'record'), rel_to)] for r in pre]))
+              _fmt(_v(r, 'steps'), 0), _losses(r), _fmt(_v(r, 'task_loss'), 3), _below(r), _rank(r),
+              _fmt(_v(r, 'input_dependence'), 3), _glue_cell(df, r.run_id), _speed(r),
+              _link(_v(r, 'record'), rel_to)] for r in pre]))
     else: lines.append('No pretraining runs yet.')
     glue = [r for r in rows if r.kind == 'glue']
     lines += ['', '## GLUE runs', '']
@@ -127,11 +139,12 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
         lines.append(md_table(
             ['date', 'run id', 'status', 'source run', 'tasks', 'protocol: train examples fitted/all',
              'scores (final epoch)', 'best epoch', 'record'],
-            [[_v(r, 'date'), r.run_name, _status(r), _v(r, 'source_run_id') or _v(r, 'source_run'), _v(r, 'tasks'),
+            [[_v(r, 'date'), r.run_name, _status(r), _source_cell(r), _v(r, 'tasks'),
               _train_summary(glue_protocol(r.metrics)), _score_str(r.glue, key_only=False),
               _score_str(r.glue_best, key_only=False), _link(_v(r, 'record'), rel_to)]
              for r in glue]))
     else: lines.append('No GLUE runs yet.')
+    lines += ['', '## Seeds', '', seeds_section(df)]
     other = [r for r in rows if r.kind not in ('pretrain', 'glue')]
     if other:
         lines += ['', '## Other records', '',
@@ -146,6 +159,56 @@ def write_experiment_log(runs_dir='runs', # folder of run records
     out = Path(out) if out else Path(runs_dir)/'EXPERIMENT_LOG.md'
     atomic_write_text(out, experiment_log(load_registry(runs_dir), rel_to=out.parent))
     return out
+
+# %% ../nbs/22_report.ipynb #f0351b2d
+def _pm(x, s, nd:int=3) -> str:
+    "'x ± s' ('—' without x; x alone without s)."
+    if x is None: return '—'
+    return f"{_fmt(float(x), nd)} ± {_fmt(float(s), nd)}" if s is not None else _fmt(float(x), nd)
+
+def _below(r) -> str:
+    "Distance below the context-free floor at [MASK] ± its SE; '—' where the record has none."
+    return _pm(_v(r, 'below_floor_masked'), _v(r, 'below_floor_masked_se'))
+
+def _glue_cell(df:pd.DataFrame, run_id:str) -> str:
+    "A pretraining run's GLUE scores, then its random-init control's."
+    s, c = _score_str(linked_glue(df, run_id)), _score_str(linked_glue(df, run_id, 'random_init'))
+    return s + (f" (random-init control: {c})" if c else '')
+
+def _source_cell(r) -> str:
+    src = _v(r, 'source_run_id') or _v(r, 'source_run') or ''
+    return f"{src} ({_control(r)} control)" if _control(r) else src
+
+# %% ../nbs/22_report.ipynb #3a9d800a
+def _seed_stats(values) -> tuple:
+    "(mean, sd, n) of the values that are numbers; sd is None below two."
+    xs = [x for x in map(_num, values) if x is not None]
+    if not xs: return None, None, 0
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None), len(xs)
+
+def _seed_glue(df:pd.DataFrame, ids:list) -> str:
+    "Key GLUE metrics as mean ± sd over the pretraining seeds `ids`."
+    by = {}
+    for i in ids:
+        for k, v in linked_glue(df, i).items(): by.setdefault(k, []).append(v)
+    return ', '.join(f"{TASK_NAMES.get(t, t)} {METRIC_NAMES.get(m, m)} {_pm(*_seed_stats(v)[:2], nd=1)} (n={len(v)})"
+                     for (t, m), v in sorted(by.items()) if KEY_METRIC.get(t) == m)
+
+# %% ../nbs/22_report.ipynb #02e2f2f0
+def seeds_section(df:pd.DataFrame) -> str:
+    "Mean ± sd over the pretraining seeds of each configuration with several; says so when every one has one."
+    kinds = dict(zip(df.run_id, df.kind, strict=True)) if len(df) else {}
+    groups = [ids for ids in group_seeds(df).values() if len(ids) > 1 and kinds.get(ids[0]) == 'pretrain']
+    if not groups:
+        return ("Every pretraining configuration has one seed: the tables show no seed spread, so a difference smaller "
+                "than the standard errors or the fine-tuning spread is not resolved.")
+    by = df.set_index('run_id')
+    rows = [[', '.join(by.loc[i, 'run_name'] for i in ids), len(ids),
+             _pm(*_seed_stats(by.loc[i].get('task_loss') for i in ids)[:2]),
+             _pm(*_seed_stats(by.loc[i].get('below_floor_masked') for i in ids)[:2]), _seed_glue(df, ids)] for ids in groups]
+    return md_table(['seeds of one configuration', 'n', 'task loss', 'below context-free floor (nats)',
+                     'GLUE (mean ± sd over pretraining seeds)'], rows)
 
 # %% ../nbs/22_report.ipynb #5b32a90c
 SEED_PRETRAIN = {
@@ -267,7 +330,10 @@ def compare_tables(runs, # run ids, run names or record paths
                                          *[f"Δ {lab} vs {n}" for lab in labels for n in refs]])
     results.attrs.update(baselines=list(base), runs=labels, controls=ctl, train_columns=trn)
     summ = []
-    for key, name in (('task_loss', 'task loss'), ('effective_rank', 'effective rank'), ('rank_ratio', 'effective rank / C'),
+    for key, name in (('task_loss', 'task loss'), ('eval_mlm_loss_masked', 'held-out loss at [MASK]'),
+                      ('floor_masked', 'context-free floor at [MASK]'),
+                      ('below_floor_masked', 'below context-free floor (nats)'),
+                      ('effective_rank', 'effective rank'), ('rank_ratio', 'effective rank / C'),
                       ('mean_similarity', 'mean concept similarity'), ('max_similarity', 'max concept similarity'),
                       ('input_dependence', 'input dependence'),
                       ('steps', 'steps'), ('steps_per_s', 'steps/s')):
@@ -279,7 +345,7 @@ def compare_tables(runs, # run ids, run names or record paths
             if key == 'rank_ratio':
                 e, C = _v(p, 'effective_rank'), _v(p, 'concept_num')
                 row[lab] = e / float(C) if e is not None and C else None
-            else: row[lab] = _v(p, key)
+            else: row[lab] = _seeded(df, p, key)
         summ.append(row)
     summary = pd.DataFrame(summ, columns=['metric', *SEED_PRETRAIN, *labels])
     return results, summary
@@ -307,9 +373,103 @@ def compare(runs, # run ids, run names or record paths
         notes = [f"- {n}: {src[n]}" for n in results.attrs.get('baselines', []) if n in src]
         if notes: out += ['', 'Baseline sources:', '', *notes]
     else: out.append('No GLUE scores for these runs yet: run `python -m concept_nb.runs glue --checkpoint runs/<run>`.')
+    rows, df = _resolve_runs(runs, runs_dir)
+    pre = [r if r.kind != 'glue' else _source_row(df, r) for r in rows]
+    pre = [r for r in pre if r is not None]
+    ctl = [(r.run_name, _score_str(linked_glue(df, r.run_id, 'random_init'), key_only=False)) for r in pre]
+    if any(c for _, c in ctl):
+        out += ['', 'Random-init controls (the same architecture fine-tuned untrained, same protocol):', '',
+                *[f"- {n}: {c}" for n, c in ctl if c]]
     out += ['', '## Pretraining Summary', '',
-            "Seed columns: upstream L6 H512 C128 runs on Minipile (for scale, not like-for-like).", '', _df_md(summary, 3)]
+            "Seed columns: upstream L6 H512 C128 runs on Minipile (for scale, not like-for-like). Run columns: a value "
+            "± its standard error, or mean ± sd over the pretraining seeds of the run's configuration where it has "
+            "several.", '', _df_md(summary, 3)]
+    out += _differences_md(df, pre)
     return '\n'.join(out) + '\n'
+
+# %% ../nbs/22_report.ipynb #5603f7bf
+def noise_verdict(delta:float|None, # the difference
+                  noise:float|None, # the noise it is judged against (None: unknown)
+                 ) -> str:
+    "'within noise' when |delta| <= noise, 'beyond noise' above it, 'no spread known' without a noise figure."
+    if delta is None: return ''
+    if noise is None or not math.isfinite(noise): return 'no spread known (one seed)'
+    return 'within noise' if abs(delta) <= noise else 'beyond noise'
+
+# %% ../nbs/22_report.ipynb #91be960a
+def _loss_stat(df:pd.DataFrame, r, key:str) -> tuple:
+    "(value, noise, what): the seed mean and sd where the configuration has seeds, else the value and 2 SE."
+    ids = seed_group(df, r.run_id)
+    if len(ids) > 1:
+        m, sd, n = _seed_stats(df.set_index('run_id').loc[i].get(key) for i in ids)
+        return m, sd, f"sd over {n} seeds"
+    return _v(r, key), _v(r, f'{key}_se'), 'SE'
+
+def _glue_stat(df:pd.DataFrame, r) -> dict:
+    "{(task, metric): (score, sd, what)}: mean ± sd over pretraining seeds, else the fine-tuning-seed sd."
+    ids = seed_group(df, r.run_id)
+    if len(ids) > 1:
+        by = {}
+        for i in ids:
+            for k, v in linked_glue(df, i).items(): by.setdefault(k, []).append(v)
+        return {k: (_seed_stats(v)[0], _seed_stats(v)[1], f"sd over {len(v)} seeds") for k, v in by.items()}
+    sd = _by_task([x for x in _linked_glue_rows(df, r) if not _control(x)],
+                  lambda x: _scores_from(x.metrics.get('final_sd') or {}))
+    return {k: (v, sd.get(k), 'fine-tuning sd') for k, v in linked_glue(df, r.run_id).items()}
+
+# %% ../nbs/22_report.ipynb #4bb0df2e
+def _noise(a:tuple, b:tuple, se:bool) -> float|None:
+    "Noise of a difference: 2 x the combined SE (held-out losses), else the larger spread of the two."
+    if a[1] is None or b[1] is None: return None
+    return 2 * math.hypot(a[1], b[1]) if se else max(a[1], b[1])
+
+def run_differences(df:pd.DataFrame, # registry
+                    rows:list, # registry rows of pretraining runs; the first is the reference
+                   ) -> pd.DataFrame:
+    "Each run against the first: held-out losses and key GLUE metrics, the difference, its noise and the verdict."
+    out, ref = [], rows[0]
+    ga = _glue_stat(df, ref)
+    for r in rows[1:]:
+        gb = _glue_stat(df, r)
+        qs = [(name, _loss_stat(df, ref, k), _loss_stat(df, r, k))
+              for k, name in (('below_floor_masked', 'below context-free floor (nats)'),
+                              ('eval_mlm_loss_masked', 'held-out loss at [MASK]'))]
+        qs += [(f"{TASK_NAMES.get(t, t)} {METRIC_NAMES.get(m, m)}", ga[(t, m)], gb[(t, m)])
+               for (t, m) in sorted(set(ga) & set(gb)) if KEY_METRIC.get(t) == m]
+        for name, a, b in qs:
+            if a[0] is None or b[0] is None: continue
+            d, nz = b[0] - a[0], _noise(a, b, a[2] == b[2] == 'SE')
+            out.append({'quantity': name, 'reference': ref.run_name, 'run': r.run_name, 'reference value': a[0],
+                        'run value': b[0], 'Δ (run − reference)': d, 'noise': nz,
+                        'noise from': a[2] if a[2] == b[2] else f"{a[2]} / {b[2]}", 'verdict': noise_verdict(d, nz)})
+    return pd.DataFrame(out, columns=['quantity', 'reference', 'run', 'reference value', 'run value',
+                                      'Δ (run − reference)', 'noise', 'noise from', 'verdict'])
+
+# %% ../nbs/22_report.ipynb #74a686bf
+def _seeded(df:pd.DataFrame, r, key:str):
+    "A summary cell: mean ± sd over the seeds of `r`'s configuration, else the value (± its SE where it has one)."
+    ids = seed_group(df, r.run_id)
+    if len(ids) > 1:
+        m, sd, n = _seed_stats(df.set_index('run_id').loc[i].get(key) for i in ids)
+        return f"{_pm(m, sd)} ({n} seeds)" if m is not None else None
+    se = _v(r, f'{key}_se') if f'{key}_se' in df.columns else None
+    return _pm(_v(r, key), se) if se is not None else _v(r, key)
+
+def _source_row(df:pd.DataFrame, r):
+    src = df[df.run_id == _v(r, 'source_run_id')]
+    return src.iloc[-1] if len(src) else None
+
+def _differences_md(df:pd.DataFrame, pre:list) -> list[str]:
+    "The 'Differences between runs' section of `compare` (two or more pretraining runs)."
+    seeds = [len(seed_group(df, r.run_id)) for r in pre]
+    note = ("One pretraining seed per run: no seed spread is known, so differences are judged against standard errors "
+            "and the fine-tuning-seed spread only." if max(seeds, default=1) == 1 else
+            f"Pretraining seeds per run: {', '.join(f'{r.run_name} {n}' for r, n in zip(pre, seeds, strict=True))}.")
+    if len(pre) < 2: return ['', note]
+    d = run_differences(df, pre)
+    return ['', '## Differences between runs', '', note + " Noise: the seed sd, 2 x the combined SE of held-out losses, "
+            "or the larger fine-tuning sd; a difference no larger than it is marked within noise.", '',
+            _df_md(d, 3) if len(d) else 'No quantity is known for both runs.']
 
 # %% ../nbs/22_report.ipynb #b697f828
 def plot_compare(runs, # run ids, run names or record paths
@@ -387,6 +547,7 @@ def headline(run:Mapping) -> str:
     else:
         parts = [f"steps {_fmt(g('steps'), 0)}" if g('steps') is not None else '',
                  f"task loss {_fmt(g('task_loss'), 3)}" if g('task_loss') is not None else '',
+                 f"below context-free floor {_below(run)}" if g('below_floor_masked') is not None else '',
                  f"eff. rank {_rank(run)}" if g('effective_rank') is not None else '',
                  f"mean sim {_fmt(g('mean_similarity'), 3)}" if g('mean_similarity') is not None else '', _speed(run)]
     if g('duration_s'): parts.append(f"{_fmt(g('duration_s'), 0)} s")

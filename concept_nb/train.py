@@ -11,6 +11,9 @@ import numpy as np
 import torch, torch.nn as nn
 from .losses import LossManager
 from .analysis import concept_metrics
+from .collators import MLMCollator
+from .controls import (MLM_KEYS, ContextFreeFloor, MLMEvalStats, collator_floor, token_counts,
+                                 fill_mask, format_fill_mask)
 from .core import ParamError, check_params, resolve_device
 from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint,
                                     load_model_weights, load_checkpoint)
@@ -22,8 +25,9 @@ from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RU
 # %% auto #0
 __all__ = ['param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig', 'resolve_mixed_precision', 'make_accelerator',
            'NonFiniteLossError', 'PretrainingModule', 'evaluate', 'LoopState', 'Loop', 'setup_loop', 'restore',
-           'start_records', 'accumulate', 'check_finite', 'optimizer_step', 'add_to_window', 'log_window', 'save_state',
-           'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining']
+           'start_records', 'log_floor', 'accumulate', 'check_finite', 'optimizer_step', 'add_to_window', 'log_window',
+           'save_state', 'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'run_metrics', 'probe_results',
+           'run_pretraining']
 
 # %% ../nbs/17_train.ipynb #cee64c2a
 def param_groups(model:nn.Module, # the model
@@ -66,7 +70,7 @@ class TrainConfig:
     steps:int=_D['steps']; epochs:float=_D['epochs']; lr:float=_D['lr']; weight_decay:float=_D['weight_decay']
     warmup_steps:int=_D['warmup_steps']; schedule:str=_D['schedule']; max_grad_norm:float=_D['max_grad_norm']
     grad_accum:int=_D['grad_accum']; log_every:int=_D['log_every']; eval_every:int=_D['eval_every']
-    eval_batches:int=_D['eval_batches']; save_every:int=_D['save_every']; keep_checkpoints:int=_D['keep_checkpoints']
+    eval_batches:int=_D['eval_batches']; final_eval_batches:int=_D['final_eval_batches']; save_every:int=_D['save_every']; keep_checkpoints:int=_D['keep_checkpoints']
     mixed_precision:str=_D['mixed_precision']; compile:bool=_D['compile']; device:str=_D['device']
     cpu_threads:int=_D['cpu_threads']; seed:int=_D['seed']; resume_from:str=_D['resume_from']
     run_name:str=_D['run_name']; wandb_mode:str=_D['wandb_mode']; progress:bool=_D['progress']
@@ -141,17 +145,24 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
              loss_manager:nn.Module|None=None, # to report the concept losses too
              accelerator=None, # reduce over processes when given
              return_concepts:bool=False, # also return the (n, C, H) concepts
+             floor:ContextFreeFloor|None=None, # MLM: the run's context-free floor (for the paired distance to it)
             ):
-    "Held-out task loss (+ reconstruction NELBO, concept losses) and concept-geometry metrics."
+    "Held-out task loss (+ reconstruction NELBO, concept losses, MLM losses by position type) and concept geometry."
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
     was = model.training; model.eval()
     sums, concepts = {}, []
+    coll = eval_data.collator
+    mlm = MLMEvalStats(coll.mask_token_id, floor) if isinstance(coll, MLMCollator) else None
     ctx = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     try:
         with torch.random.fork_rng(devices=[]), ctx:
             for k in range(n_batches):
-                out = model(**_to(eval_data.batch(k, rank, world), device))
+                batch = _to(eval_data.batch(k, rank, world), device)
+                out = model(**batch)
+                lg = getattr(out, 'masked_logits', None)              # logits of the labelled rows, or dense
+                lg = getattr(out, 'logits', None) if lg is None else lg
+                if mlm is not None and lg is not None: mlm.add(lg, batch['labels'], batch['input_ids'])
                 vals = {'eval_loss': out.loss.float()}
                 if getattr(out, 'recon_nelbo', None) is not None: vals['eval_recon_nelbo'] = out.recon_nelbo.float()
                 if loss_manager is not None and getattr(loss_manager, 'names', None):
@@ -165,6 +176,9 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
     v = torch.stack([sums[k] / n_batches for k in keys])
     if accelerator is not None and world > 1: v = accelerator.reduce(v.to(accelerator.device), 'mean').cpu()
     res = dict(zip(keys, v.tolist()))
+    if mlm is not None:                                               # sums over positions of all processes
+        s = mlm.sums if world == 1 else accelerator.reduce(mlm.sums.to(accelerator.device), 'sum').cpu()
+        res.update(mlm.summary(s))
     allc = torch.cat(concepts)
     res.update({f'concept/{k}': x for k, x in concept_metrics(allc).items()})
     return (res, allc) if return_concepts else res
@@ -191,6 +205,9 @@ def _fmt_log(r:dict, steps:int) -> str:
 
 def _fmt_eval(r:dict) -> str:
     s = f"eval @ step {r['step']} | loss {r['eval_loss']:.4f}"
+    if 'below_floor_masked' in r:
+        s += (f" | [MASK] {r['eval_mlm_loss_masked']:.4f} ± {r['eval_mlm_loss_masked_se']:.4f}, below the floor by "
+              f"{r['below_floor_masked']:.4f} ± {r['below_floor_masked_se']:.4f}")
     if 'eval_recon_nelbo' in r: s += f" | recon_nelbo {r['eval_recon_nelbo']:.4f}"
     return s + (f" | eff. rank {r['concept/effective_rank']:.2f} | RankMe {r['concept/rankme']:.2f}"
                 f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}"
@@ -214,6 +231,7 @@ class Loop:
     train_data:BatchStream; eval_data:BatchStream|None; run_dir:Path|None; tokenizer:object; steps:int
     state:LoopState=field(default_factory=LoopState)
     rec:object=None; bar:object=None; batches:object=None; t_start:float=0.
+    floor:ContextFreeFloor|None=None # MLM runs: the context-free floor of the run's corruption
     @property
     def model(self) -> nn.Module: return self.acc.unwrap_model(self.module).model
     @property
@@ -284,6 +302,20 @@ def start_records(loop:Loop, ckpt:Path|None, params:dict|None=None, log=print) -
     loop.bar = tqdm(total=loop.steps, initial=st.step, disable=not (cfg.progress and main), desc='train',
                     dynamic_ncols=True)
     return history
+
+# %% ../nbs/17_train.ipynb #47909c34
+def log_floor(loop:Loop) -> ContextFreeFloor|None:
+    "The context-free floor of an MLM run (None for other objectives), recorded once per run."
+    coll = loop.train_data.collator
+    if not isinstance(coll, MLMCollator) or loop.tokenizer is None: return None
+    fl = collator_floor(coll, loop.tokenizer, loop.train_data.dataset)
+    if loop.rec.h.of('floor'): return fl                                # resumed: logged by the first start
+    held = loop.eval_data.dataset if loop.eval_data is not None else loop.train_data.dataset
+    e = fl.expected(token_counts(loop.tokenizer, held))
+    loop.rec.record(dict(step=loop.state.step, kind='floor', **{f'floor_{k}': v for k, v in e.items()}))
+    loop.rec.line(f"context-free floor (held-out labels): [MASK] {e['masked']:.4f} | random {e['random']:.4f} | "
+                  f"kept {e['kept']:.4f} | all selected {e['all']:.4f} nats")
+    return fl
 
 # %% ../nbs/17_train.ipynb #loop0008
 def accumulate(loop:Loop) -> dict:
@@ -369,10 +401,11 @@ def save_state(loop:Loop, step:int):
     st.last_checkpoint = str(p)
     loop.rec.record(dict(step=step, kind='checkpoint', path=str(p), elapsed_s=round(time.time() - loop.t_start, 3)))
 
-def eval_now(loop:Loop, step:int):
-    "Evaluate on the held-out batches and record it (nothing without held-out data)."
+def eval_now(loop:Loop, step:int, final:bool=False):
+    "Evaluate on the held-out batches and record it (nothing without held-out data); the final one on more batches."
     if loop.eval_data is None: return
-    r = evaluate(loop.model, loop.eval_data, loop.cfg.eval_batches, loop.loss_manager, loop.acc)
+    n = (loop.cfg.final_eval_batches or loop.cfg.eval_batches) if final else loop.cfg.eval_batches
+    r = evaluate(loop.model, loop.eval_data, n, loop.loss_manager, loop.acc, floor=loop.floor)
     r = dict(step=step, kind='eval', epoch=loop.epoch(), **r)
     loop.rec.record(r); loop.rec.line(_fmt_eval(r), echo=not loop.cfg.progress)
     if loop.cfg.progress and loop.is_main: loop.bar.write(_fmt_eval(r))
@@ -392,7 +425,8 @@ def run_steps(loop:Loop):
         add_to_window(st.window, r, time.perf_counter() - t0)
         if cfg.progress and loop.is_main: loop.bar.set_postfix(loss=f"{r['loss']:.4f}", refresh=False)
         if st.step % cfg.log_every == 0 or st.step == stop: log_window(loop)
-        if (cfg.eval_every and st.step % cfg.eval_every == 0) or st.step == loop.steps: eval_now(loop, st.step)
+        if (cfg.eval_every and st.step % cfg.eval_every == 0) or st.step == loop.steps:
+            eval_now(loop, st.step, final=st.step == loop.steps)
         if (cfg.save_every and st.step % cfg.save_every == 0) or st.step == stop: save_state(loop, st.step)
 
 @contextlib.contextmanager
@@ -425,6 +459,7 @@ def train(model:nn.Module, # a pretraining model (its forward takes the collator
     loop, ckpt = setup_loop(model, train_data, eval_data, lm, cfg, Path(run_dir) if run_dir else None, tokenizer, log)
     loop.state = restore(loop, ckpt, log)
     history = start_records(loop, ckpt, params, log)
+    loop.floor = log_floor(loop)
     loop.t_start = time.time()
     loop.batches = train_data.iterate(loop.state.micro_batches, loop.rank, loop.world,
                                       pin_memory=loop.acc.device.type == 'cuda')
@@ -435,11 +470,21 @@ def train(model:nn.Module, # a pretraining model (its forward takes the collator
     loop.rec.line(f"done: {history.step} steps in {history.wall_s:.1f}s" + done)
     return history
 
+# %% ../nbs/17_train.ipynb #d62ef6ed
+def _plot_floor(ax, floor:dict, ev:list):
+    "Floor lines and the held-out [MASK]-position loss (MLM runs)."
+    if ev and 'eval_mlm_loss_masked' in ev[-1]:
+        ax.plot([r['step'] for r in ev], [r.get('eval_mlm_loss_masked') for r in ev], 'd-', ms=3,
+                label='held-out loss at [MASK]')
+    if floor:
+        ax.axhline(floor['floor_all'], color='k', ls='--', lw=.9, label='context-free floor, all selected')
+        ax.axhline(floor['floor_masked'], color='k', ls=':', lw=.9, label='context-free floor at [MASK]')
+
 # %% ../nbs/17_train.ipynb #95e92653
 def plot_loss_curves(history:History|list, # `train`'s history (or its records)
                      ax=None, # one axes, or None for a new figure
                     ):
-    "Training loss (total and task), held-out loss and the learning rate against the step."
+    "Training loss (total and task), held-out loss, the context-free floor (MLM) and the learning rate by step."
     import matplotlib.pyplot as plt
     h = History(history)
     tr, ev = h.of('train'), h.of('eval')
@@ -457,6 +502,7 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
         if 'eval_recon_nelbo' in ev[-1]:
             ax.plot([r['step'] for r in ev], [r.get('eval_recon_nelbo') for r in ev], 's--', ms=3,
                     label='held-out recon NELBO')
+    _plot_floor(ax, h.last('floor'), ev)
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=.3)
     if tr:
         a2 = ax.twinx()
@@ -479,6 +525,7 @@ def _results(tr:list, ev:list, params:dict) -> dict:
     if ev:
         r.update(eval_loss_start=ev[0]['eval_loss'], eval_loss=ev[-1]['eval_loss'])
         if 'eval_recon_nelbo' in ev[-1]: r['eval_recon_nelbo'] = ev[-1]['eval_recon_nelbo']
+        r.update({k: ev[-1][k] for k in MLM_KEYS if k in ev[-1]})
         for k in ('effective_rank', 'effective_rank_normalized', 'rankme', 'rankme_per_sample', 'mean_concept_similarity',
                   'max_concept_similarity', 'input_dependence', 'input_dependence_min'):
             r[k] = ev[-1].get(f'concept/{k}')
@@ -505,11 +552,19 @@ def run_metrics(history:History, # `train`'s history
     "The pretraining run's record (see `records`): what ran, how it ended and its headline results."
     tr, ev = history.of('train'), history.of('eval')
     mdl = {k: params.get(k) for k in _MODEL_KEYS}
+    fl = history.last('floor')
+    if fl: results = {'context_free_floor': {k[6:]: fl[k] for k in fl if k.startswith('floor_')}, **results}
     if model is not None: mdl['num_parameters'] = sum(q.numel() for q in model.parameters())
     return make_record('pretrain', status, run_name=params.get('run_name'), run_dir=params.get('run_dir'),
                        checkpoint=history.last_checkpoint, finished_at=datetime.datetime.now().isoformat(timespec='seconds'),
                        model=mdl, data={k: params.get(k) for k in ('data', 'tokenizer', 'block_size')},
                        train=_train_section(history, tr, params), results={**_results(tr, ev, params), **results})
+
+# %% ../nbs/17_train.ipynb #684cc33b
+def probe_results(model:nn.Module, tokenizer, params:dict) -> dict:
+    "The end-of-run probes of an MLM run: top-5 fill-mask answers of the probe sentences (`controls.PROBE_SENTENCES`)."
+    if params.get('objective') != 'mlm' or tokenizer is None: return {}
+    return dict(fill_mask=fill_mask(model, tokenizer))
 
 # %% ../nbs/17_train.ipynb #c0de0002
 def run_pretraining(params:dict, # run parameters (missing names take `PRETRAIN_DEFAULTS`; a preset applies)
@@ -533,7 +588,7 @@ def run_pretraining(params:dict, # run parameters (missing names take `PRETRAIN_
         if main: write_run_params(run_dir, p, model)
         h = train(model, tr, ev, lm, TrainConfig.from_params(p), run_dir, tok, params=p, log=log)
         if main: save_model(model, tok, run_dir / 'model')
-    m = run_metrics(h, p, model=model)
+    m = run_metrics(h, p, model=model, **probe_results(model, tok, p))
     m['train']['model_dir'] = str(run_dir / 'model')
     if main: write_record(run_dir, **m)
     return m
