@@ -43,6 +43,10 @@ RECORD_FIELDS = (
     Field('model', 'num_hidden_layers', 'num_layers', 'L'),
     Field('model', 'concept_num', 'concept_num', 'C'),
     Field('model', 'num_parameters', 'num_parameters', 'trainable parameters'),
+    Field('model', 'num_parameters_non_embedding', 'params_non_embedding', 'parameters outside the embedding tables'),
+    Field('model', 'flops_per_token', 'flops_per_token', 'forward matmul FLOPs per token of a train step (13_flops)'),
+    Field('model', 'control', 'control', "GLUE: 'random_init' = the checkpoint's architecture fine-tuned from fresh "
+          "weights (the control of `source_run`); '' = the pretrained weights"),
     Field('model', 'checkpoint', 'checkpoint', 'GLUE: the model fine-tuned'),
     Field('model', 'source_run', 'source_run', 'GLUE: the pretraining run it came from'),
     Field('data', 'data', 'data', 'text source'),
