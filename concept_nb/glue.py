@@ -23,9 +23,9 @@ from .train import param_groups, make_optimizer, make_scheduler
 
 # %% auto #0
 __all__ = ['TASK_EPOCHS', 'GLUE_DEFAULTS', 'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES',
-           'ZERO_SHOT_TASKS', 'GLUE_RULES', 'default_epochs', 'parse_tasks', 'parse_seeds', 'check_glue_params',
-           'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable', 'load_splits', 'take_subset',
-           'split_train', 'protocol_split', 'Encoded', 'encode_task', 'collate', 'predict', 'finetune',
+           'ZERO_SHOT_TASKS', 'GLUE_CONTROLS', 'GLUE_RULES', 'default_epochs', 'parse_tasks', 'parse_seeds',
+           'check_glue_params', 'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable', 'load_splits',
+           'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task', 'collate', 'predict', 'finetune',
            'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task', 'zero_shot_task', 'RunLogger']
 
 # %% ../nbs/19_glue.ipynb #8a1ce84c
@@ -78,13 +78,15 @@ def _msg(fn):
 def _device_rule(v):
     if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', v): return f"{v!r} is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
+GLUE_CONTROLS = ('', 'random_init')   # the checkpoint's weights | its architecture and config, fresh weights
+
 GLUE_RULES = dict(
     tasks=_msg(parse_tasks), seeds=_msg(parse_seeds), head=tuple(CLASSIFIER_REGISTRY), pair_encoding=PAIR_ENCODINGS,
     epochs=('>=', 0), batch_size=('>=', 1), lr=('>', 0), max_length=('>=', 8), train_subset=('>=', 0),
     eval_subset=('>=', 0), protocol=GLUE_PROTOCOLS, via_decoder_queries=VIA_DECODER_QUERIES,
     select_fraction=lambda v: None if 0 < v < 1 else f"must be in (0, 1), got {v!r}",
     patience=('>=', 0), warmup_steps=('>=', 0), weight_decay=('>=', 0), wandb_mode=('offline', 'online', 'disabled'),
-    device=_device_rule,
+    device=_device_rule, control=GLUE_CONTROLS,
 )
 
 def check_glue_params(params:dict, # validated run parameters
@@ -125,20 +127,43 @@ def _check_fits(config, tokenizer, max_length:int, where:str):
     if max_length > config.max_sequence_length:
         raise ValueError(f"{where}: max_length={max_length} exceeds the model's max_sequence_length={config.max_sequence_length}")
 
+def _check_positions(model, max_length:int, where:str):
+    n = getattr(model.config, 'max_position_embeddings', None)
+    if n and max_length > n: raise ValueError(f"{where}: max_length={max_length} exceeds the model's {n} positions")
+
+def _random_init(ck:Checkpoint, nl:int, pt:str, head:str, **config_kwargs) -> tuple:
+    "The checkpoint's architecture and config with fresh weights (the random-init control); (model, report)."
+    if ck.kind == 'random':
+        raise ValueError("control='random_init' needs a checkpoint: the architecture to re-initialise")
+    if ck.kind == 'concept':
+        model, _ = classifier_from_pretrained(ck.path, head, nl, pt, load=False, **config_kwargs)
+    else:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+        cfg = AutoConfig.from_pretrained(str(ck.path), num_labels=nl, problem_type=pt)
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    note = f"random_init control of {ck.name!r}: fresh weights"
+    return model, dict(loaded=0, new=sorted(model.state_dict()), note=note)
+
 def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
                      task:str|TaskSpec, # sets num_labels and the problem type
                      tokenizer, # tokenizer of the inputs
                      head:str='weighted_pool', # a key of `CLASSIFIER_REGISTRY` (ignored for transformers models)
                      seed:int=42, # torch seed set before the new weights are created
                      max_length:int=128, # longest input
+                     control:str='', # '' | 'random_init': the checkpoint's architecture with fresh weights
                      **config_kwargs, # concept-encoder config overrides, e.g. zero_concepts=True
                     ):
     "A sequence classifier for `task` on `checkpoint`; returns (model, load_report)."
+    if control not in GLUE_CONTROLS: raise ValueError(f"control={control!r}: expected one of {GLUE_CONTROLS}")
     ck, spec = resolve_checkpoint(checkpoint), get_task(task)
     if head not in CLASSIFIER_REGISTRY: raise ValueError(f"head={head!r}: expected one of {list(CLASSIFIER_REGISTRY)}")
     nl, pt = spec.num_labels, 'regression' if spec.is_regression else 'single_label_classification'
+    if ck.kind == 'hf' and (head == 'pair' or config_kwargs):
+        raise ValueError(f"head='pair' and {sorted(config_kwargs)} need a concept encoder; {ck.name!r} is a "
+                         "transformers model")
     torch.manual_seed(seed)
-    if ck.kind == 'random':
+    if control: model, report = _random_init(ck, nl, pt, head, **config_kwargs)
+    elif ck.kind == 'random':
         if head == 'via_decoder': warnings.warn("head='via_decoder' on a random model: its decoder is random too")
         model = ConceptEncoderForSequenceClassification(tiny_config(tokenizer, max_length, classifier_head=head,
                                                                     num_labels=nl, problem_type=pt, **config_kwargs))
@@ -146,16 +171,13 @@ def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
     elif ck.kind == 'concept':
         model, report = classifier_from_pretrained(ck.path, head, num_labels=nl, problem_type=pt, **config_kwargs)
     else:
-        if head == 'pair': raise ValueError(f"head='pair' needs a concept encoder; {ck.name!r} is a transformers model")
-        if config_kwargs:
-            raise ValueError(f"{sorted(config_kwargs)} configure concept encoders; {ck.name!r} is a transformers model")
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
         v = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()   # "newly initialized classifier" is expected
         try: model = AutoModelForSequenceClassification.from_pretrained(str(ck.path), num_labels=nl, problem_type=pt)
         finally: hf_logging.set_verbosity(v)
         report = dict(loaded='all but the classifier', new=['classifier (transformers head)'], note=f'{type(model).__name__}')
-        return model, report
+    if ck.kind == 'hf': _check_positions(model, max_length, f"checkpoint {ck.name!r}"); return model, report
     _check_fits(model.config, tokenizer, max_length, f"checkpoint {ck.name or '(random)'!r}")
     return model, report
 
@@ -163,18 +185,21 @@ def build_embedder(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
                    tokenizer, # tokenizer of the inputs
                    seed:int=42, # seed of the random model (checkpoint '')
                    max_length:int=128, # longest input
+                   control:str='', # '' | 'random_init': the checkpoint's architecture with fresh weights
                   ) -> tuple[Callable, torch.nn.Module]:
     "A zero-shot sentence embedder `embed(input_ids, attention_mask) -> (B, H)` and the module it uses."
     ck = resolve_checkpoint(checkpoint)
     if ck.kind == 'hf':
-        from transformers import AutoModel
-        enc = AutoModel.from_pretrained(str(ck.path)).eval()
+        from transformers import AutoConfig, AutoModel
+        torch.manual_seed(seed)
+        enc = (AutoModel.from_config(AutoConfig.from_pretrained(str(ck.path))) if control == 'random_init'
+               else AutoModel.from_pretrained(str(ck.path))).eval()
         def embed(ids, mask, **kw):
             h = enc(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
             m = mask.to(h.dtype)[..., None]
             return (h * m).sum(1) / m.sum(1).clamp(min=1.)
         return embed, enc
-    model, _ = build_classifier(ck, 'stsb', tokenizer, 'weighted_pool', seed, max_length)
+    model, _ = build_classifier(ck, 'stsb', tokenizer, 'weighted_pool', seed, max_length, control)
     enc = model.encoder.eval()
     return (lambda ids, mask, **kw: sentence_embedding(enc, ids, mask)), enc
 
@@ -402,6 +427,7 @@ def run_task(task:str|TaskSpec, # task name
              select_fraction:float=0.1, min_select:int=64, max_select:int=2000, # the held-out slice ('selection')
              patience:int=0, # early stopping on the selection slice (0 = off; 'selection' only)
              via_decoder_queries:str='position', # head 'via_decoder': 'position' or 'token' (+ a zero-concepts control)
+             control:str='', # '' | 'random_init': fine-tune the checkpoint's architecture from fresh weights
              device:str='auto', # 'auto', 'cpu', 'cuda', ...
              log:Callable|None=print, # progress lines
              on_epoch:Callable|None=None, # called with (task, seed, history row); control: task '<task>/zero_concepts'
@@ -434,7 +460,7 @@ def run_task(task:str|TaskSpec, # task name
         "One fresh model per seed, fine-tuned on the same splits; returns (per-seed results, the last load report)."
         per_seed, report = [], None
         for seed in seeds:
-            model, report = build_classifier(ck, spec, tok, head, seed, max_length, **cfg, **extra)
+            model, report = build_classifier(ck, spec, tok, head, seed, max_length, control, **cfg, **extra)
             if log and seed == seeds[0]:
                 n = sum(p.numel() for p in model.parameters()) / 1e6
                 new = f", new: {len(report['new'])}" if ck.kind == 'concept' else ''
@@ -450,18 +476,18 @@ def run_task(task:str|TaskSpec, # task name
         return per_seed, report
 
     per_seed, report = fit_seeds(spec.name)
-    control = None
+    zc = None                                         # the zero-concepts control's results (token queries only)
     if cfg.get('via_decoder_queries') == 'token':     # token queries can bypass the concepts: fit the head on zeros
         if log: log(f"[{spec.name}] control: the same head and seeds, concepts replaced by zeros (zero_concepts=True)")
         ctl, _ = fit_seeds(f"{spec.name}/zero_concepts", zero_concepts=True)
-        control = dict(zero_concepts=True, per_seed=ctl, **aggregate(ctl))
+        zc = dict(zero_concepts=True, per_seed=ctl, **aggregate(ctl))
     majority = None if spec.is_regression else \
         compute_metrics(spec, np.full(len(dev), np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()), enc['dev'].labels)
     return dict(task=spec.name, mode='finetune', status='completed', metrics=list(task_metric_names(spec)),
                 headline_metric=spec.headline_metric, checkpoint=ck.name, source_run=ck.source_run, head=head,
-                pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds, epochs=epochs,
-                batch_size=batch_size, lr=lr, max_length=max_length, n_train=len(fit), n_train_all=n_all,
-                n_select=n_sel, n_dev=len(dev), per_seed=per_seed, **aggregate(per_seed), control=control,
+                init=control or 'checkpoint', pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds,
+                epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, n_train=len(fit), n_train_all=n_all,
+                n_select=n_sel, n_dev=len(dev), per_seed=per_seed, **aggregate(per_seed), control=zc,
                 majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
                 time_s=round(time.time() - t0, 2))
 
@@ -469,14 +495,14 @@ def run_task(task:str|TaskSpec, # task name
 def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: stsb or sick_relatedness
                    checkpoint:str|Checkpoint='', tokenizer=None, max_length:int=128, batch_size:int=128,
                    source:str|Path|None=None, eval_subset:int=0, seed:int=42, device:str='auto',
-                   log:Callable|None=print) -> dict:
+                   log:Callable|None=print, control:str='') -> dict:
     "Zero-shot similarity: Pearson / Spearman ×100 of cos(embed(a), embed(b)) against the dev scores; no training."
     spec, ck, t0 = get_task(task), resolve_checkpoint(checkpoint), time.time()
     if spec.name not in ZERO_SHOT_TASKS: raise ValueError(f"zero-shot scoring needs a similarity task {ZERO_SHOT_TASKS}, got {spec.name!r}")
     tok = _tok(tokenizer, ck)
     dev = take_subset(load_splits(spec, source, ('validation',))['validation'], eval_subset)
     enc = encode_task(dev, spec, tok, max_length, 'separate')
-    embed, module = build_embedder(ck, tok, seed, max_length)
+    embed, module = build_embedder(ck, tok, seed, max_length, control)   # random_init: the untrained architecture
     d = resolve_device(device); module.to(d)
     sims = []
     for i in range(0, len(enc), batch_size):
@@ -487,7 +513,8 @@ def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: sts
     m = compute_metrics(spec, torch.cat(sims), enc.labels, digits=None)
     if log: log(f"[{spec.name} zero-shot] {len(dev)} dev pairs: " + ' '.join(f"{k} {v:.2f}" for k, v in m.items()))
     return dict(task=spec.name, mode='zero_shot', status='completed', metrics=list(m), headline_metric=spec.headline_metric,
-                checkpoint=ck.name, source_run=ck.source_run, protocol='zero_shot', n_train=0, n_dev=len(dev), final=m,
+                checkpoint=ck.name, source_run=ck.source_run, init=control or 'checkpoint', protocol='zero_shot',
+                n_train=0, n_dev=len(dev), final=m,
                 time_s=round(time.time() - t0, 2))
 
 # %% ../nbs/19_glue.ipynb #3f2bc6d1

@@ -89,3 +89,34 @@ def test_bert_mlm_round_trip(tmp_path):
     enc = tok(['a short sentence .', 'and another one , longer than the first'], padding=True, return_tensors='pt')
     with torch.no_grad(): out = model(input_ids=enc['input_ids'], attention_mask=enc['attention_mask'])
     assert out.logits.shape == (2, 2) and torch.isfinite(out.logits).all()
+    ctl, rep = build_classifier(ck, 'mrpc', tok, seed=3, max_length=32, control='random_init')
+    _same_config_fresh_weights(model, ctl, rep)
+    with pytest.raises(ValueError, match="exceeds the model's 32 positions"): build_classifier(ck, 'mrpc', tok, max_length=64)
+
+
+def _same_config_fresh_weights(trained, control, report):
+    "The control has the trained classifier's config and parameter names, and none of its loaded (non-constant) weights."
+    skip = ('_name_or_path', 'transformers_version')
+    a, b = ({k: v for k, v in m.config.to_dict().items() if k not in skip} for m in (trained, control))
+    assert a == b and report['loaded'] == 0
+    sa, sb = trained.state_dict(), control.state_dict()
+    assert sa.keys() == sb.keys()
+    body = [k for k in sa if k.startswith(('encoder.', 'bert.')) and sa[k].numel() > 1 and sa[k].float().std() > 0]
+    assert body and not any(torch.equal(sa[k], sb[k]) for k in body), 'a pretrained tensor leaked into the control'
+
+
+def test_random_init_control_of_a_concept_checkpoint(tmp_path):
+    from concept_nb.checkpoints import save_model
+    from concept_nb.data import load_tokenizer
+    from concept_nb.glue import build_classifier, build_embedder
+    from concept_nb.heads import build_model
+    tok = load_tokenizer('embedded')
+    m = build_model('perceiver_mlm', vocab_size=len(tok), hidden_size=32, concept_num=4, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=64, max_sequence_length=64, pad_token_id=tok.pad_token_id)
+    save_model(m, tok, tmp_path / 'model')
+    trained, _ = build_classifier(str(tmp_path / 'model'), 'stsb', tok, seed=5, max_length=64)
+    ctl, rep = build_classifier(str(tmp_path / 'model'), 'stsb', tok, seed=5, max_length=64, control='random_init')
+    _same_config_fresh_weights(trained, ctl, rep)
+    _, enc = build_embedder(str(tmp_path / 'model'), tok, seed=5, max_length=64, control='random_init')
+    assert not torch.equal(enc.token_embeddings.weight, m.encoder.token_embeddings.weight)
+    with pytest.raises(ValueError, match="needs a checkpoint"): build_classifier('', 'stsb', tok, control='random_init')
