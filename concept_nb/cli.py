@@ -9,7 +9,7 @@ import concurrent.futures as cf
 from pathlib import Path
 from typing import Sequence
 from .core import ParamError, atomic_write_text, repo_root
-from .runs import (RunFailed, declared_params, list_presets, parse_value, project_root, resolve_params,
+from .runs import (RunFailed, declared_params, preset_names, parse_value, project_root, launch_params,
                              run_notebook, task_list, template_path, type_names)
 from .registry import KEY_METRIC, TASK_NAMES, read_run
 from .report import compare, headline, plot_compare, write_experiment_log
@@ -80,7 +80,7 @@ def _help_notebook(kind, a) -> int:
     decl = declared_params(a.template or template_path(kind))
     w = max(len(k) for k in decl)
     for k, d in decl.items(): print(f"  {k:<{w}}  {d['type'] or '?':<6} = {d['default']}  # {d['help']}")
-    print(f"presets: {', '.join(list_presets(kind=kind)) or 'none'}")
+    print(f"presets: {', '.join(preset_names(kind=kind)) or 'none'}")
     return 0
 
 # %% ../nbs/26_cli.ipynb #97c32b16
@@ -126,12 +126,12 @@ def _glue_tasks(a) -> list[str]:
 
 def _glue_job(a, pre_record, tasks, control:str='') -> tuple:
     "The (kind, params, preset) of a GLUE run on a pretraining record, at most as long as the model reads."
-    gp = a.glue_preset if a.glue_preset in list_presets(kind='glue') else None
+    gp = a.glue_preset if a.glue_preset in preset_names(kind='glue') else None
     hub = os.environ.get('CONCEPT_NB_GLUE_DIR', '').strip().lower() == 'hub'
     params = _glue_params({'glue_dir': 'hub'} if hub else {}, pre_record, tasks)
     if control: params['control'] = control
     block = ((read_record(pre_record) or {}).get('data') or {}).get('block_size')
-    if block and resolve_params('glue', params, gp)[1].get('max_length', 0) > block:
+    if block and launch_params('glue', params, gp)[1].get('max_length', 0) > block:
         params['max_length'] = int(block)        # fine-tune at most as long as the model reads
     return 'glue', params, gp
 

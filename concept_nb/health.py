@@ -215,6 +215,64 @@ def _lm_call(model, ids, am, masked, labels=None):
         return model(input_ids=ids, attention_mask=am, decoder_input_ids=masked, decoder_attention_mask=am, labels=labels, t=t)
     return model(input_ids=masked, attention_mask=am, labels=labels)
 
+# %% ../nbs/11_health.ipynb #2c4e59dd
+def _probe_batch(tokenizer, texts:Sequence[str], max_length:int, enc:nn.Module, device, seed:int) -> tuple:
+    "Padded ids and mask of `texts` (plus 4 padding columns when they fit), the masked input and its labels."
+    b = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors='pt')
+    ids, am = b['input_ids'].to(device), b['attention_mask'].to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if ids.shape[1] + 4 <= getattr(getattr(enc, 'config', None), 'max_sequence_length', 1 << 30):
+        ids, am = F.pad(ids, (0, 4), value=pad), F.pad(am, (0, 4), value=0)   # guarantee padding columns
+    masked, labels = _mask_labels(ids.cpu(), am.cpu(), tokenizer, seed=seed)
+    return ids, am, masked.to(device), labels.to(device)
+
+def _lm_checks(model:nn.Module, tokenizer, ids, am, masked, labels) -> list[dict]:
+    "forward_pass, prediction_diversity and loss_sanity of a model with an LM head."
+    rows = []
+    try:
+        logits = _lm_call(model, ids, am, masked).logits
+        finite = bool(torch.isfinite(logits).all())
+        rows.append(_row('forward_pass', 'pass' if finite else 'fail',
+                         f"logits {tuple(logits.shape)}, range [{float(logits.min()):.3g}, {float(logits.max()):.3g}]"
+                         if finite else "NaN/Inf in the logits"))
+        pred = logits.argmax(-1)[am.bool()]
+        u, n = int(pred.unique().numel()), int(pred.numel())
+        st = 'fail' if u <= 1 else 'warn' if u < 0.1 * n else 'pass'
+        top = torch.bincount(pred).max().item() / max(n, 1)
+        rows.append(_row('prediction_diversity', st, f"{u} distinct predictions at {n} real positions "
+                         f"({u / max(n, 1):.0%}); most frequent token: {top:.0%}"))
+    except Exception as e:
+        rows += [_row('forward_pass', 'fail', f"{type(e).__name__}: {e}"),
+                 _row('prediction_diversity', 'fail', 'forward pass failed')]
+    try:
+        loss = float(_lm_call(model, ids, am, masked, labels).loss)
+        ok = math.isfinite(loss) and 0 < loss < 100
+        rows.append(_row('loss_sanity', 'pass' if ok else 'fail', f"loss {loss:.4f} on {int((labels != -100).sum())} "
+                         f"labelled tokens (ln V = {math.log(max(len(tokenizer), 2)):.2f}); must be finite, in (0, 100)"))
+    except Exception as e: rows.append(_row('loss_sanity', 'fail', f"{type(e).__name__}: {e}"))
+    return rows
+
+def _encoder_checks(enc:nn.Module, ids, am) -> list[dict]:
+    "attention_rows (rows sum to 1 over real tokens, 0 on padding) and concept_geometry of the encoder's output."
+    rows = []
+    try:
+        out = enc(input_ids=ids, attention_mask=am, output_attentions=True)
+        real = am.bool()[:, None, None, :]
+        err = max(float((a.sum(-1) - 1).abs().max()) for a in out.attentions)
+        leak = max(float(a.masked_select(~real).abs().max()) if (~real).any() else 0. for a in out.attentions)
+        ok = err < 1e-4 and leak == 0
+        rows.append(_row('attention_rows', 'pass' if ok else 'fail', f"max |row sum - 1| = {err:.1e} over "
+                         f"{len(out.attentions)} layers, max attention on padding = {leak:.1e}"))
+        m = concept_metrics(out.last_hidden_state)
+        k = min(out.last_hidden_state.shape[1:])
+        r, s, d = m['effective_rank_per_sample'] / k, m['max_concept_similarity'], m['input_dependence']
+        rows.append(_row('concept_geometry', 'pass' if r > 0.5 and s < 0.8 and not d < 0.05 else 'warn',
+                         f"per-sample rank {m['effective_rank_per_sample']:.2f}/{k} (RankMe {m['rankme_per_sample']:.2f}), "
+                         f"max similarity {s:.3f}, mean {m['mean_concept_similarity']:.3f}, "
+                         f"input dependence {d:.3f}"))
+    except Exception as e: rows.append(_row('attention_rows', 'fail', f"{type(e).__name__}: {e}"))
+    return rows
+
 # %% ../nbs/11_health.ipynb #527351c5
 def health_check(model:nn.Module, # a pretraining model (or a bare ConceptEncoder)
                  tokenizer, # its tokenizer
@@ -224,62 +282,17 @@ def health_check(model:nn.Module, # a pretraining model (or a bare ConceptEncode
                  device=None, # default: the model's device
                 ) -> pd.DataFrame:
     "Checkpoint sanity checks: a DataFrame of check, status (pass/warn/fail) and detail."
-    rows = _param_checks(model)
-    rows.append(_concept_table_check(model))
+    rows = _param_checks(model) + [_concept_table_check(model)]
     if texts is None:
         try: texts = sample_sentences(8)
         except Exception: texts = list(FALLBACK_SENTENCES)
     if isinstance(texts, str) or not len(texts): raise ValueError("texts: expected a non-empty list of strings")
-    device = device or _device_of(model)
     enc = encoder_of(model)
-    b = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors='pt')
-    ids, am = b['input_ids'].to(device), b['attention_mask'].to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if ids.shape[1] + 4 <= getattr(getattr(enc, 'config', None), 'max_sequence_length', 1 << 30):
-        ids, am = F.pad(ids, (0, 4), value=pad), F.pad(am, (0, 4), value=0)   # guarantee padding columns
-    masked, labels = _mask_labels(ids.cpu(), am.cpu(), tokenizer, seed=seed)
-    masked, labels = masked.to(device), labels.to(device)
+    ids, am, masked, labels = _probe_batch(tokenizer, texts, max_length, enc, device or _device_of(model), seed)
     is_lm = enc is not model and hasattr(model, 'lm_head')
     with _eval_mode(model), torch.no_grad():
-        if not is_lm:
-            rows += [_row(c, 'warn', f"not applicable: {type(model).__name__} has no LM head")
-                     for c in ('forward_pass', 'prediction_diversity', 'loss_sanity')]
-        else:
-            try:
-                logits = _lm_call(model, ids, am, masked).logits
-                finite = bool(torch.isfinite(logits).all())
-                rows.append(_row('forward_pass', 'pass' if finite else 'fail',
-                                 f"logits {tuple(logits.shape)}, range [{float(logits.min()):.3g}, {float(logits.max()):.3g}]"
-                                 if finite else "NaN/Inf in the logits"))
-                pred = logits.argmax(-1)[am.bool()]
-                u, n = int(pred.unique().numel()), int(pred.numel())
-                st = 'fail' if u <= 1 else 'warn' if u < 0.1 * n else 'pass'
-                top = torch.bincount(pred).max().item() / max(n, 1)
-                rows.append(_row('prediction_diversity', st, f"{u} distinct predictions at {n} real positions "
-                                 f"({u / max(n, 1):.0%}); most frequent token: {top:.0%}"))
-            except Exception as e:
-                rows += [_row('forward_pass', 'fail', f"{type(e).__name__}: {e}"),
-                         _row('prediction_diversity', 'fail', 'forward pass failed')]
-            try:
-                loss = float(_lm_call(model, ids, am, masked, labels).loss)
-                ok = math.isfinite(loss) and 0 < loss < 100
-                rows.append(_row('loss_sanity', 'pass' if ok else 'fail', f"loss {loss:.4f} on {int((labels != -100).sum())} "
-                                 f"labelled tokens (ln V = {math.log(max(len(tokenizer), 2)):.2f}); must be finite, in (0, 100)"))
-            except Exception as e: rows.append(_row('loss_sanity', 'fail', f"{type(e).__name__}: {e}"))
-        try:
-            out = enc(input_ids=ids, attention_mask=am, output_attentions=True)
-            real = am.bool()[:, None, None, :]
-            err = max(float((a.sum(-1) - 1).abs().max()) for a in out.attentions)
-            leak = max(float(a.masked_select(~real).abs().max()) if (~real).any() else 0. for a in out.attentions)
-            ok = err < 1e-4 and leak == 0
-            rows.append(_row('attention_rows', 'pass' if ok else 'fail', f"max |row sum - 1| = {err:.1e} over "
-                             f"{len(out.attentions)} layers, max attention on padding = {leak:.1e}"))
-            m = concept_metrics(out.last_hidden_state)
-            k = min(out.last_hidden_state.shape[1:])
-            r, s, d = m['effective_rank_per_sample'] / k, m['max_concept_similarity'], m['input_dependence']
-            rows.append(_row('concept_geometry', 'pass' if r > 0.5 and s < 0.8 and not d < 0.05 else 'warn',
-                             f"per-sample rank {m['effective_rank_per_sample']:.2f}/{k} (RankMe {m['rankme_per_sample']:.2f}), "
-                             f"max similarity {s:.3f}, mean {m['mean_concept_similarity']:.3f}, "
-                             f"input dependence {d:.3f}"))
-        except Exception as e: rows.append(_row('attention_rows', 'fail', f"{type(e).__name__}: {e}"))
+        rows += _lm_checks(model, tokenizer, ids, am, masked, labels) if is_lm else [
+            _row(c, 'warn', f"not applicable: {type(model).__name__} has no LM head")
+            for c in ('forward_pass', 'prediction_diversity', 'loss_sanity')]
+        rows += _encoder_checks(enc, ids, am)
     return pd.DataFrame(rows, columns=['check', 'status', 'detail'])
