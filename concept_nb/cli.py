@@ -232,6 +232,7 @@ def _glue_rows(glue:dict) -> list[str]:
 def main_summary(done:dict, # job name -> record path, as `_run_jobs` returns them ('concept', 'bert_mlm', 'glue ...')
                 ) -> str:
     "The main job's summary: pretraining rows, GLUE rows beside the majority class, one verdict per model."
+    done = {n: done[n] for n in sorted(done, key=lambda n: ('bert_mlm' in n, 'random_init' in n))}  # concept first
     pre = {n: r for n, r in done.items() if not n.startswith('glue ')}
     glue = {n[5:].replace(' random_init', ' (random init)'): r for n, r in done.items() if n.startswith('glue ')}
     lines = ['same data, tokenizer, batches, optimiser, schedule, steps and seed for every pretrained model',
