@@ -541,7 +541,8 @@ def run_task(task:str|TaskSpec, # task name
                 headline_metric=spec.headline_metric, checkpoint=ck.name, source_run=ck.source_run, head=head,
                 init=control or 'checkpoint', pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds,
                 epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, **n, per_seed=per_seed,
-                **aggregate(per_seed), control=zc, majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
+                **aggregate(per_seed), control=zc, majority=majority,
+                load_report={k: v for k, v in (report or {}).items() if k != 'new'},
                 time_s=round(time.time() - t0, 2))
 
 # %% ../nbs/19_glue.ipynb #6a57fae4
