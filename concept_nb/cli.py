@@ -4,24 +4,26 @@
 
 # %% ../nbs/26_cli.ipynb #26967813
 from __future__ import annotations
-import os, re, sys, json, argparse, logging, subprocess
+import os, re, sys, json, time, argparse, logging, subprocess
+import concurrent.futures as cf
 from pathlib import Path
 from typing import Sequence
-from .core import ParamError, atomic_write_text, parse_value
+from .core import ParamError, atomic_write_text, parse_value, repo_root
 from .runs import (RunFailed, declared_params, preset_names, project_root, launch_params,
                              run_notebook, template_path, type_names)
 from .records import task_list
-from .registry import read_run
+from .registry import KEY_METRIC, TASK_NAMES, read_run
 from .report import compare, headline, plot_compare, write_experiment_log
-from .report import _v
 from .train import run_pretraining
 from .health import health_check
 from .heads import load_model
 from .data import load_tokenizer
 from .docs import build_docs
+from .records import read_record
+from .baselines import BASELINE_REGISTRY
 
 # %% auto #0
-__all__ = ['MAIN_GLUE_TASKS', 'GLUE_DIRS', 'COMMANDS', 'available_glue_tasks', 'parser', 'main']
+__all__ = ['MAIN_GLUE_TASKS', 'GLUE_DIRS', 'COMMANDS', 'available_glue_tasks', 'main_summary', 'parser', 'main']
 
 # %% ../nbs/26_cli.ipynb #f5422932
 MAIN_GLUE_TASKS = ('mrpc', 'stsb', 'sst2')
@@ -107,45 +109,139 @@ def _cmd_glue(a, argv):
     _print_record('GLUE', rec); return 0
 
 # %% ../nbs/26_cli.ipynb #f217f167
-def _glue_step(a, pre, argv):
-    "GLUE on the new pretraining run for the wanted tasks that have data; returns the record or None."
+def _glue_tasks(a) -> list[str]:
+    "The wanted GLUE tasks that have data and where they come from; prints how to provide them when none do."
     want = task_list(a.tasks)
+    if not want: return []                                    # --tasks '': pretraining only
     hub = os.environ.get('CONCEPT_NB_GLUE_DIR', '').strip().lower() == 'hub'
-    tasks, gdir = (want, 'the Hugging Face hub') if hub else available_glue_tasks(want)
-    if not tasks:
-        where = (f"{gdir} has none of {', '.join(GLUE_DIRS[t] + '/' for t in want if t in GLUE_DIRS)} with train.tsv "
-                 f"and dev.tsv") if gdir else "CONCEPT_NB_GLUE_DIR is not set"
-        print(f"[2/3] GLUE step skipped: {where}. To provide GLUE data, point CONCEPT_NB_GLUE_DIR at a GLUE-format "
-              f"folder (<dir>/MRPC/, STS-B/, SST-2/ each with train.tsv and dev.tsv, as in the GLUE distribution), e.g. "
-              f"`export CONCEPT_NB_GLUE_DIR=/path/to/glue`, or set CONCEPT_NB_GLUE_DIR=hub to download nyu-mll/glue "
-              f"from the Hugging Face hub (needs network); then run `concept-nb glue --checkpoint "
-              f"{pre['run_dir']} --tasks {','.join(want)}`.", flush=True)
-        return None
-    gp = a.glue_preset if a.glue_preset in preset_names(kind='glue') else None
-    print(f"[2/3] GLUE {','.join(tasks)} from {gdir} (preset {gp or 'notebook defaults'}) ...", flush=True)
-    gparams = _glue_params({'glue_dir': 'hub'} if hub else {}, pre['run_dir'], tasks)
-    msl = _v(pre.get('model_config') or {}, 'max_sequence_length')
-    if msl and launch_params('glue', gparams, gp)[1].get('max_length', 0) > msl:
-        gparams['max_length'] = int(msl)   # fine-tune at most as long as the model reads
-    grec = run_notebook('glue', gparams, a.runs_dir, gp, argv=argv)
-    _print_record('GLUE', grec)
-    return grec
+    tasks, gdir = (want, 'hub') if hub else available_glue_tasks(want)
+    if tasks: return tasks
+    where = (f"{gdir} has none of {', '.join(GLUE_DIRS[t] + '/' for t in want if t in GLUE_DIRS)} with train.tsv "
+             f"and dev.tsv") if gdir else "CONCEPT_NB_GLUE_DIR is not set"
+    print(f"GLUE step skipped: {where}. To provide GLUE data, point CONCEPT_NB_GLUE_DIR at a GLUE-format "
+          f"folder (<dir>/MRPC/, STS-B/, SST-2/ each with train.tsv and dev.tsv, as in the GLUE distribution), e.g. "
+          f"`export CONCEPT_NB_GLUE_DIR=/path/to/glue`, or set CONCEPT_NB_GLUE_DIR=hub to download nyu-mll/glue "
+          f"from the Hugging Face hub (needs network); then run `concept-nb glue --checkpoint "
+          f"runs/<run> --tasks {','.join(want)}`.", flush=True)
+    return []
 
+def _glue_job(a, pre_record, tasks, control:str='') -> tuple:
+    "The (kind, params, preset) of a GLUE run on a pretraining record, at most as long as the model reads."
+    gp = a.glue_preset if a.glue_preset in preset_names(kind='glue') else None
+    hub = os.environ.get('CONCEPT_NB_GLUE_DIR', '').strip().lower() == 'hub'
+    params = _glue_params({'glue_dir': 'hub'} if hub else {}, pre_record, tasks)
+    if control: params['control'] = control
+    block = ((read_record(pre_record) or {}).get('data') or {}).get('block_size')
+    if block and launch_params('glue', params, gp)[1].get('max_length', 0) > block:
+        params['max_length'] = int(block)        # fine-tune at most as long as the model reads
+    return 'glue', params, gp
+
+# %% ../nbs/26_cli.ipynb #47d1204c
+def _pretrain_jobs(a) -> dict:
+    "name -> (kind, params, preset): the preset's concept model and its shape-matched `bert_mlm`, one seed, one budget."
+    user = dict(a.params or [])
+    losses = user.pop('concept_losses', 'none')            # the comparison is of architectures: no concept loss
+    mt = user.pop('model_type', None)
+    concept = dict(user, concept_losses=losses, **({'model_type': mt} if mt else {}))   # else the preset's model
+    jobs = {'concept': ('pretrain', concept, a.preset)}
+    if mt not in BASELINE_REGISTRY:
+        jobs['bert_mlm'] = ('pretrain', dict(user, model_type='bert_mlm', concept_losses='none'), a.preset)
+    return jobs
+
+def _run_jobs(first:dict, # name -> (kind, params, preset) to start with
+              then, # then(name, record) -> more jobs that a finished job unlocks
+              runs_dir, argv, workers:int=2) -> tuple[dict, dict]:
+    "Notebook runs `workers` at a time (threads: each run is its own kernel process); (records, failures) by name."
+    done, failed, t0 = {}, {}, time.time()
+    def run(name, kind, params, preset):
+        print(f"  start  {name} ({time.time() - t0:.0f} s)", flush=True)
+        return run_notebook(kind, params, runs_dir, preset, log_output=workers == 1, argv=argv)
+    with cf.ThreadPoolExecutor(max(1, workers)) as ex:
+        todo = {ex.submit(run, n, *job): n for n, job in first.items()}
+        while todo:
+            for f in cf.wait(todo, return_when=cf.FIRST_COMPLETED)[0]:
+                name = todo.pop(f)
+                try: done[name] = f.result()
+                except RunFailed as e: failed[name] = e; print(f"  FAILED {name}: {e}", flush=True); continue
+                print(f"  done   {name} ({time.time() - t0:.0f} s): {done[name]}", flush=True)
+                todo.update({ex.submit(run, n, *job): n for n, job in then(name, done[name]).items()})
+    return done, failed
+
+# %% ../nbs/26_cli.ipynb #fbbb056e
 def _cmd_main(a, argv):
-    print(f"[1/3] pretraining (preset {a.preset}) ...", flush=True)
-    rec, grec, failed, pre = None, None, None, None
-    try:
-        rec = run_notebook('pretrain', dict(a.params or []), a.runs_dir, a.preset, argv=argv)
-        pre = _print_record('pretraining', rec)
-        grec = _glue_step(a, pre, argv)
-    except RunFailed as e: failed = e
-    log = write_experiment_log(a.runs_dir)
-    print(f"[3/3] experiment log: {log}")
-    recs = [str(r) for r in (rec, grec, failed.record if failed else None) if r]
+    pre_jobs = _pretrain_jobs(a)
+    tasks = _glue_tasks(a)
+    print(f"[1/3] pretraining {' and '.join(pre_jobs)} side by side (preset {a.preset}, one thread each)"
+          + (f", then GLUE {','.join(tasks)} on each checkpoint" + (" and on its architecture from random weights"
+             if a.controls else '') + f" (preset {a.glue_preset})" if tasks else '') + " ...", flush=True)
+    os.environ.setdefault('OMP_NUM_THREADS', '1')            # the kernels inherit it: two runs share two cores
+    def then(name, rec):
+        if name not in pre_jobs or not tasks: return {}
+        jobs = {f'glue {name}': _glue_job(a, rec, tasks)}
+        if a.controls: jobs[f'glue {name} random_init'] = _glue_job(a, rec, tasks, 'random_init')
+        return jobs
+    done, failed = _run_jobs(pre_jobs, then, a.runs_dir, argv, a.workers)
+    print(f"[2/3] experiment log: {write_experiment_log(a.runs_dir)}")
+    print(f"[3/3] summary\n{main_summary(done)}", flush=True)
+    recs = [str(r) for r in list(done.values()) + [e.record for e in failed.values()] if r]
     if recs: print('records: ' + ' and '.join(dict.fromkeys(recs)))
-    if failed: raise failed
-    print(f"compare: concept-nb compare {pre['run_id']} --runs-dir {a.runs_dir}")
+    if failed: raise next(iter(failed.values()))
     return 0
+
+# %% ../nbs/26_cli.ipynb #26c7586c
+def _f(v, spec:str='.3f', none:str='—') -> str:
+    return none if v is None else format(v, spec)
+
+def _verdict(name:str, res:dict) -> str:
+    d, se = res.get('below_floor_masked'), res.get('below_floor_masked_se')
+    if d is None or se is None: return f"{name}: no context-free floor in its record, so no verdict on learning."
+    if d > 2 * se: return (f"{name}: {d:.3f} nat below the context-free floor at [MASK] positions (SE {se:.3f}): "
+                           "more than 2 SE below, so it uses context.")
+    return (f"{name}: {d:+.3f} nat relative to the floor (SE {se:.3f}): NOT below it by more than 2 SE, so there is no "
+            "evidence that it learned more than token frequencies.")
+
+def _pretrain_rows(pre:dict) -> list[str]:
+    out = [f"{'model':<22}{'params':>8}{'FLOPs/tok':>11}{'held-out':>10}{'[MASK] loss':>16}{'floor':>8}"
+           f"{'below floor':>17}{'eff.rank':>10}{'input dep.':>11}"]
+    for name, rec in pre.items():
+        r = read_record(rec) or {}
+        m, res = r.get('model') or {}, r.get('results') or {}
+        pm = f"{_f(res.get('eval_mlm_loss_masked'))} ± {_f(res.get('eval_mlm_loss_masked_se'))}"
+        bf = f"{_f(res.get('below_floor_masked'))} ± {_f(res.get('below_floor_masked_se'))}"
+        n, fl = m.get('num_parameters'), m.get('flops_per_token')
+        size = [f"{x / 1e6:.2f}M" if x else '—' for x in (n, fl)]                    # parameters, FLOPs per token
+        out.append(f"{m.get('model_type') or name:<22}{size[0]:>8}{size[1]:>11}"
+                   f"{_f(res.get('eval_loss')):>10}{pm:>16}{_f(res.get('floor_masked')):>8}{bf:>17}"
+                   f"{_f(res.get('effective_rank'), '.2f'):>10}{_f(res.get('input_dependence'), '.3f'):>11}")
+    return out
+
+# %% ../nbs/26_cli.ipynb #37035f27
+def _glue_rows(glue:dict) -> list[str]:
+    "GLUE rows: each task's key metric (×100, last epoch) and the STS-B zero-shot Spearman, under the majority class."
+    recs = {n: read_record(r) or {} for n, r in glue.items()}
+    res = {n: r.get('results') or {} for n, r in recs.items()}
+    tasks = list(dict.fromkeys(t for x in res.values() for t in x if t in KEY_METRIC))
+    if not tasks: return ['GLUE: no scores (no GLUE data, or every GLUE run failed)']
+    label = {t: f"{TASK_NAMES.get(t, t)} {KEY_METRIC[t]}" for t in tasks}
+    maj = next((g['glue']['majority'] for g in recs.values() if (g.get('glue') or {}).get('majority')), {})
+    out = [f"{'GLUE dev ×100':<32}" + ''.join(f"{label[t]:>26}" for t in tasks),
+           f"{'majority class':<32}" + ''.join(f"{_f(maj.get(f'{t}/{KEY_METRIC[t]}'), '.1f'):>26}" for t in tasks)]
+    for n, x in res.items():
+        out.append(f"{n:<32}" + ''.join(f"{_f((x.get(t) or {}).get(KEY_METRIC[t]), '.1f'):>26}" for t in tasks))
+    return out
+
+def main_summary(done:dict, # job name -> record path, as `_run_jobs` returns them ('concept', 'bert_mlm', 'glue ...')
+                ) -> str:
+    "The main job's summary: pretraining rows, GLUE rows beside the majority class, one verdict per model."
+    done = {n: done[n] for n in sorted(done, key=lambda n: ('bert_mlm' in n, 'random_init' in n))}  # concept first
+    pre = {n: r for n, r in done.items() if not n.startswith('glue ')}
+    glue = {n[5:].replace(' random_init', ' (random init)'): r for n, r in done.items() if n.startswith('glue ')}
+    lines = ['same data, tokenizer, batches, optimiser, schedule, steps and seed for every pretrained model',
+             *_pretrain_rows(pre), '', *_glue_rows(glue), '']
+    for n, r in pre.items():
+        rec = read_record(r) or {}
+        lines.append(_verdict((rec.get('model') or {}).get('model_type') or n, rec.get('results') or {}))
+    return '\n'.join(lines)
 
 # %% ../nbs/26_cli.ipynb #c76876e1
 def _cmd_log(a, argv):
@@ -204,9 +300,12 @@ def _pretrain_parsers(sub):
     p.add_argument('--checkpoint', default=None,
                    help="runs/<run> (a pretraining record), a model folder, a hub id ('': tiny random model)")
     p.add_argument('--tasks', default=None, help='comma-separated GLUE tasks, e.g. mrpc,stsb,sst2')
-    p = sub.add_parser('main', help='what `make run` runs: pretrain (cpu-small), then GLUE on the new checkpoint')
+    p = sub.add_parser('main', help='what `make run` runs: the concept model and bert_mlm side by side, GLUE, summary')
     _run_args(p); p.set_defaults(preset='cpu-small', template=None)
-    p.add_argument('--glue-preset', default='glue-cpu', help='GLUE preset (default: glue-cpu when it exists)')
+    p.add_argument('--glue-preset', default='glue-main', help='GLUE preset (default: glue-main when it exists)')
+    p.add_argument('--workers', type=int, default=2, help='runs at a time, one CPU thread each (default: 2)')
+    p.add_argument('--no-controls', dest='controls', action='store_false',
+                   help='skip the random-init GLUE control of each architecture')
     p.add_argument('--tasks', default=','.join(MAIN_GLUE_TASKS), help='GLUE tasks to run when available')
 
 def _report_parsers(sub):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['SHAPES', 'ENCODER_MODES', 'STEP_MODELS', 'FLOP_MODELS', 'TSDAE_DELETION', 'PEAK_TFLOPS', 'Shape', 'get_shape',
-           'forward_flops', 'flop_ratio', 'ideal_table', 'peak_tflops']
+           'forward_flops', 'flops_per_token', 'flop_ratio', 'ideal_table', 'peak_tflops']
 
 # %% ../nbs/13_flops.ipynb #6a6af18f
 @dataclass(frozen=True)
@@ -106,12 +106,23 @@ def forward_flops(model:str, # a `FLOP_MODELS` name
     if model not in FLOP_MODELS: raise ValueError(f"model={model!r}: expected one of {FLOP_MODELS}")
     enc, H = _encoder_flops(model, N, s), s.hidden
     if model in ENCODER_MODES: return dict(encoder=enc, decoder=0, head=0, total=enc)
-    if model == 'bert_mlm':
-        head = _lin(N, H, H) + _lin(N, H, s.vocab)
+    if model == 'bert_mlm':   # stock BertForMaskedLM: head on all N; 'labelled': BertMLMBaseline (03_baselines)
+        R = N if decode == 'all' else (_labelled_rows(model, N, t_min) if labelled is None else labelled)
+        head = _lin(R, H, H) + _lin(R, H, s.vocab)
         return dict(encoder=enc, decoder=0, head=head, total=enc + head)
     M = _labelled_rows(model, N, t_min) if labelled is None else labelled
     dec, head = _decoder_flops(model, N if decode == 'all' else M, s), _lin(M, H, s.vocab)
     return dict(encoder=enc, decoder=dec, head=head, total=enc + dec + head)
+
+# %% ../nbs/13_flops.ipynb #1adc0a86
+def flops_per_token(model:str, # a `FLOP_MODELS` name
+                    N:int, # sequence length (the run's block_size)
+                    shape:Shape|str, # model shape
+                    labelled:float|None=None, # labelled rows per sequence (default: see `forward_flops`)
+                    t_min:float=0.3, # diffusion: smallest noise level
+                   ) -> float:
+    "Forward matmul FLOPs per token of a training step as implemented (only labelled rows decoded)."
+    return forward_flops(model, N, shape, labelled=labelled, decode='labelled', t_min=t_min)['total'] / N
 
 # %% ../nbs/13_flops.ipynb #d5a9aa6e
 def flop_ratio(model:str, N:int, shape:Shape|str='l6', baseline:str|None=None, **kwargs) -> float:

@@ -23,11 +23,11 @@ from .train import param_groups, make_optimizer
 
 # %% auto #0
 __all__ = ['TASK_EPOCHS', 'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES', 'ZERO_SHOT_TASKS',
-           'GLUE_SPECS', 'GLUE_DEFAULTS', 'GLUE_TYPES', 'GLUE_RULES', 'default_epochs', 'parse_tasks', 'parse_seeds',
-           'GlueParams', 'check_glue_params', 'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable',
-           'load_splits', 'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task', 'collate',
-           'predict', 'finetune', 'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task', 'zero_shot_task',
-           'RunLogger']
+           'GLUE_CONTROLS', 'GLUE_SPECS', 'GLUE_DEFAULTS', 'GLUE_TYPES', 'GLUE_RULES', 'default_epochs', 'parse_tasks',
+           'parse_seeds', 'GlueParams', 'check_glue_params', 'tiny_config', 'build_classifier', 'build_embedder',
+           'TaskUnavailable', 'load_splits', 'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task',
+           'collate', 'predict', 'finetune', 'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task',
+           'zero_shot_task', 'RunLogger']
 
 # %% ../nbs/19_glue.ipynb #8a1ce84c
 TASK_EPOCHS = {'sst2': 5, 'qnli': 3, 'qqp': 3, 'mnli_matched': 3, 'mnli_mismatched': 3, 'paws': 5,
@@ -78,6 +78,8 @@ def _device_rule(v):
 
 def _open_unit(v): return None if 0 < v < 1 else f"must be in (0, 1), got {v!r}"
 
+GLUE_CONTROLS = ('', 'random_init')   # the checkpoint's weights | its architecture and config, fresh weights
+
 @dataclass
 class GlueParams:
     "Every parameter of a GLUE run (the `91_glue` notebook): type, default, rule and help, declared once."
@@ -116,6 +118,8 @@ class GlueParams:
     wandb_mode:str=param('offline', ('offline', 'online', 'disabled')) # offline | online | disabled (the environment
         # variable WANDB_MODE set to disabled wins)
     device:str=param('auto', _device_rule) # auto | cpu | cuda | cuda:N | mps
+    control:str=param('', GLUE_CONTROLS) # '' fine-tunes the checkpoint's weights | random_init: its architecture and
+        # config from fresh weights (the random-init control)
 
 GLUE_SPECS = param_specs(GlueParams)
 GLUE_DEFAULTS = {k: d['default'] for k, d in GLUE_SPECS.items()}
@@ -160,20 +164,43 @@ def _check_fits(config, tokenizer, max_length:int, where:str):
     if max_length > config.max_sequence_length:
         raise ValueError(f"{where}: max_length={max_length} exceeds the model's max_sequence_length={config.max_sequence_length}")
 
+def _check_positions(model, max_length:int, where:str):
+    n = getattr(model.config, 'max_position_embeddings', None)
+    if n and max_length > n: raise ValueError(f"{where}: max_length={max_length} exceeds the model's {n} positions")
+
+def _random_init(ck:Checkpoint, nl:int, pt:str, head:str, **config_kwargs) -> tuple:
+    "The checkpoint's architecture and config with fresh weights (the random-init control); (model, report)."
+    if ck.kind == 'random':
+        raise ValueError("control='random_init' needs a checkpoint: the architecture to re-initialise")
+    if ck.kind == 'concept':
+        model, _ = classifier_from_pretrained(ck.path, head, nl, pt, load=False, **config_kwargs)
+    else:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+        cfg = AutoConfig.from_pretrained(str(ck.path), num_labels=nl, problem_type=pt)
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    note = f"random_init control of {ck.name!r}: fresh weights"
+    return model, dict(loaded=0, new=sorted(model.state_dict()), note=note)
+
 def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
                      task:str|TaskSpec, # sets num_labels and the problem type
                      tokenizer, # tokenizer of the inputs
                      head:str='weighted_pool', # a key of `CLASSIFIER_REGISTRY` (ignored for transformers models)
                      seed:int=42, # torch seed set before the new weights are created
                      max_length:int=128, # longest input
+                     control:str='', # '' | 'random_init': the checkpoint's architecture with fresh weights
                      **config_kwargs, # concept-encoder config overrides, e.g. zero_concepts=True
                     ):
     "A sequence classifier for `task` on `checkpoint`; returns (model, load_report)."
+    if control not in GLUE_CONTROLS: raise ValueError(f"control={control!r}: expected one of {GLUE_CONTROLS}")
     ck, spec = resolve_checkpoint(checkpoint), get_task(task)
     if head not in CLASSIFIER_REGISTRY: raise ValueError(f"head={head!r}: expected one of {list(CLASSIFIER_REGISTRY)}")
     nl, pt = spec.num_labels, 'regression' if spec.is_regression else 'single_label_classification'
+    if ck.kind == 'hf' and (head == 'pair' or config_kwargs):
+        raise ValueError(f"head='pair' and {sorted(config_kwargs)} need a concept encoder; {ck.name!r} is a "
+                         "transformers model")
     torch.manual_seed(seed)
-    if ck.kind == 'random':
+    if control: model, report = _random_init(ck, nl, pt, head, **config_kwargs)
+    elif ck.kind == 'random':
         if head == 'via_decoder': warnings.warn("head='via_decoder' on a random model: its decoder is random too", stacklevel=2)
         model = ConceptEncoderForSequenceClassification(tiny_config(tokenizer, max_length, classifier_head=head,
                                                                     num_labels=nl, problem_type=pt, **config_kwargs))
@@ -181,16 +208,13 @@ def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
     elif ck.kind == 'concept':
         model, report = classifier_from_pretrained(ck.path, head, num_labels=nl, problem_type=pt, **config_kwargs)
     else:
-        if head == 'pair': raise ValueError(f"head='pair' needs a concept encoder; {ck.name!r} is a transformers model")
-        if config_kwargs:
-            raise ValueError(f"{sorted(config_kwargs)} configure concept encoders; {ck.name!r} is a transformers model")
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
         v = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()   # "newly initialized classifier" is expected
         try: model = AutoModelForSequenceClassification.from_pretrained(str(ck.path), num_labels=nl, problem_type=pt)
         finally: hf_logging.set_verbosity(v)
         report = dict(loaded='all but the classifier', new=['classifier (transformers head)'], note=f'{type(model).__name__}')
-        return model, report
+    if ck.kind == 'hf': _check_positions(model, max_length, f"checkpoint {ck.name!r}"); return model, report
     _check_fits(model.config, tokenizer, max_length, f"checkpoint {ck.name or '(random)'!r}")
     return model, report
 
@@ -198,18 +222,21 @@ def build_embedder(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
                    tokenizer, # tokenizer of the inputs
                    seed:int=42, # seed of the random model (checkpoint '')
                    max_length:int=128, # longest input
+                   control:str='', # '' | 'random_init': the checkpoint's architecture with fresh weights
                   ) -> tuple[Callable, torch.nn.Module]:
     "A zero-shot sentence embedder `embed(input_ids, attention_mask) -> (B, H)` and the module it uses."
     ck = resolve_checkpoint(checkpoint)
     if ck.kind == 'hf':
-        from transformers import AutoModel
-        enc = AutoModel.from_pretrained(str(ck.path)).eval()
+        from transformers import AutoConfig, AutoModel
+        torch.manual_seed(seed)
+        enc = (AutoModel.from_config(AutoConfig.from_pretrained(str(ck.path))) if control == 'random_init'
+               else AutoModel.from_pretrained(str(ck.path))).eval()
         def embed(ids, mask, **kw):
             h = enc(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
             m = mask.to(h.dtype)[..., None]
             return (h * m).sum(1) / m.sum(1).clamp(min=1.)
         return embed, enc
-    model, _ = build_classifier(ck, 'stsb', tokenizer, 'weighted_pool', seed, max_length)
+    model, _ = build_classifier(ck, 'stsb', tokenizer, 'weighted_pool', seed, max_length, control)
     enc = model.encoder.eval()
     return (lambda ids, mask, **kw: sentence_embedding(enc, ids, mask)), enc
 
@@ -480,6 +507,7 @@ def run_task(task:str|TaskSpec, # task name
              select_fraction:float=0.1, min_select:int=64, max_select:int=2000, # the held-out slice ('selection')
              patience:int=0, # early stopping on the selection slice (0 = off; 'selection' only)
              via_decoder_queries:str='position', # head 'via_decoder': 'position' or 'token' (+ a zero-concepts control)
+             control:str='', # '' | 'random_init': fine-tune the checkpoint's architecture from fresh weights
              device:str='auto', # 'auto', 'cpu', 'cuda', ...
              log:Callable|None=print, # progress lines
              on_epoch:Callable|None=None, # called with (task, seed, history row); control: task '<task>/zero_concepts'
@@ -498,21 +526,23 @@ def run_task(task:str|TaskSpec, # task name
     cfg = dict(via_decoder_queries=via_decoder_queries) if head == 'via_decoder' else {}
     ft = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
               max_grad_norm=max_grad_norm, patience=patience, device=device)
-    fit = lambda name, **kw: _fit_seeds(name, ck, spec, tok, enc, seeds, head, max_length, cfg, ft, log, on_epoch, **kw)
+    fit = lambda name, **kw: _fit_seeds(name, ck, spec, tok, enc, seeds, head, max_length, cfg, ft, log, on_epoch,
+                                        control=control, **kw)     # control: the checkpoint's weights or fresh ones
     per_seed, report = fit(spec.name)
-    control = None
+    zc = None                                         # the zero-concepts control's results (token queries only)
     if cfg.get('via_decoder_queries') == 'token':     # token queries can bypass the concepts: fit the head on zeros
         if log: log(f"[{spec.name}] control: the same head and seeds, concepts replaced by zeros (zero_concepts=True)")
         ctl, _ = fit(f"{spec.name}/zero_concepts", zero_concepts=True)
-        control = dict(zero_concepts=True, per_seed=ctl, **aggregate(ctl))
+        zc = dict(zero_concepts=True, per_seed=ctl, **aggregate(ctl))
     majority = None if spec.is_regression else compute_metrics(     # the majority *train* class, scored on dev
         spec, np.full(n['n_dev'], np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()),
         enc['dev'].labels)
     return dict(task=spec.name, mode='finetune', status='completed', metrics=list(task_metric_names(spec)),
                 headline_metric=spec.headline_metric, checkpoint=ck.name, source_run=ck.source_run, head=head,
-                pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds, epochs=epochs,
-                batch_size=batch_size, lr=lr, max_length=max_length, **n, per_seed=per_seed, **aggregate(per_seed),
-                control=control, majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
+                init=control or 'checkpoint', pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds,
+                epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, **n, per_seed=per_seed,
+                **aggregate(per_seed), control=zc, majority=majority,
+                load_report={k: v for k, v in (report or {}).items() if k != 'new'},
                 time_s=round(time.time() - t0, 2))
 
 # %% ../nbs/19_glue.ipynb #6a57fae4
@@ -520,14 +550,14 @@ def run_task(task:str|TaskSpec, # task name
 def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: stsb or sick_relatedness
                    checkpoint:str|Checkpoint='', tokenizer=None, max_length:int=128, batch_size:int=128,
                    source:str|Path|None=None, eval_subset:int=0, seed:int=42, device:str='auto',
-                   log:Callable|None=print) -> dict:
+                   log:Callable|None=print, control:str='') -> dict:
     "Zero-shot similarity: Pearson / Spearman ×100 of cos(embed(a), embed(b)) against the dev scores; no training."
     spec, ck, t0 = get_task(task), resolve_checkpoint(checkpoint), time.time()
     if spec.name not in ZERO_SHOT_TASKS: raise ValueError(f"zero-shot scoring needs a similarity task {ZERO_SHOT_TASKS}, got {spec.name!r}")
     tok = _tok(tokenizer, ck)
     dev = take_subset(load_splits(spec, source, ('validation',))['validation'], eval_subset)
     enc = encode_task(dev, spec, tok, max_length, 'separate')
-    embed, module = build_embedder(ck, tok, seed, max_length)
+    embed, module = build_embedder(ck, tok, seed, max_length, control)   # random_init: the untrained architecture
     d = resolve_device(device); module.to(d)
     sims = []
     for i in range(0, len(enc), batch_size):
@@ -538,7 +568,8 @@ def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: sts
     m = compute_metrics(spec, torch.cat(sims), enc.labels, digits=None)
     if log: log(f"[{spec.name} zero-shot] {len(dev)} dev pairs: " + ' '.join(f"{k} {v:.2f}" for k, v in m.items()))
     return dict(task=spec.name, mode='zero_shot', status='completed', metrics=list(m), headline_metric=spec.headline_metric,
-                checkpoint=ck.name, source_run=ck.source_run, protocol='zero_shot', n_train=0, n_dev=len(dev), final=m,
+                checkpoint=ck.name, source_run=ck.source_run, init=control or 'checkpoint', protocol='zero_shot',
+                n_train=0, n_dev=len(dev), final=m,
                 time_s=round(time.time() - t0, 2))
 
 # %% ../nbs/19_glue.ipynb #3f2bc6d1

@@ -540,7 +540,9 @@ def read_state_dict(path) -> dict:
         raise ValueError(f"{f} is unreadable, truncated or not a plain tensor file (only weights are loaded): {e}") from e
 
 # %% ../nbs/02_heads.ipynb #0dbc5e82
-def classifier_from_pretrained(path, head:str='weighted_pool', num_labels:int=2, problem_type:str|None=None, **config_kwargs):
+def classifier_from_pretrained(path, head:str='weighted_pool', num_labels:int=2, problem_type:str|None=None,
+                               load:bool=True, # False: the same config, fresh weights (the random-init control)
+                               **config_kwargs):
     "A `ConceptEncoderForSequenceClassification` initialised from a pretraining checkpoint; returns (model, report)."
     if head not in CLASSIFIER_REGISTRY: raise _unknown('classifier head', head, CLASSIFIER_REGISTRY)
     p = _checkpoint_dir(path)
@@ -549,6 +551,7 @@ def classifier_from_pretrained(path, head:str='weighted_pool', num_labels:int=2,
     config = ConceptEncoderConfig(**{**d, **config_kwargs, 'classifier_head': head, 'num_labels': num_labels,
                                      'problem_type': problem_type or ('regression' if num_labels == 1 else None)})
     model = ConceptEncoderForSequenceClassification(config)
+    if not load: return model, dict(loaded=0, new=sorted(model.state_dict()))
     keep = ('encoder.', 'decoder.') if head == 'via_decoder' else ('encoder.',)
     report = load_prefixed(model, read_state_dict(p), keep, p)
     return model, report

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from .config import POSITION_TYPES, ELBO_WEIGHTINGS
 from .heads import MODEL_REGISTRY, build_model
+from .baselines import BASELINE_REGISTRY, build_baseline
 from .losses import LOSS_REGISTRY, WEIGHTINGS, LossConfig, LossManager
 from .data import load_text, load_tokenizer, pack_documents
 from .collators import collator_for
@@ -26,7 +27,7 @@ __all__ = ['OBJECTIVES', 'SCHEDULES', 'MIXED_PRECISIONS', 'DEVICES', 'MASKINGS',
            'pretrain_model_config', 'build_pretraining']
 
 # %% ../nbs/16_pretrain.ipynb #edf33213
-OBJECTIVES = {'mlm': ('perceiver_mlm', 'weighted_mlm', 'perceiver_posonly_mlm', 'recursive_mlm'),
+OBJECTIVES = {'mlm': ('perceiver_mlm', 'weighted_mlm', 'perceiver_posonly_mlm', 'recursive_mlm', 'bert_mlm'),
               'tsdae': ('tsdae_posonly',),
               'masked_reconstruction': ('masked_reconstruction_posonly',),
               'diffusion': ('diffusion_mlm',),
@@ -115,8 +116,9 @@ class PretrainParams:
         # JeanKaddour/minipile)
     tokenizer:str=param('embedded', _path_rule('tokenizer folder')) # 'embedded[-wordpiece|-bpe][-VOCAB]', a tokenizer
         # folder, or a hub name
-    model_type:str=param('perceiver_mlm', tuple(MODEL_REGISTRY)) # weighted_mlm | perceiver_mlm |
-        # perceiver_posonly_mlm | recursive_mlm | tsdae_posonly | masked_reconstruction_posonly | diffusion_mlm
+    model_type:str=param('perceiver_mlm', (*MODEL_REGISTRY, *BASELINE_REGISTRY)) # weighted_mlm | perceiver_mlm |
+        # perceiver_posonly_mlm | recursive_mlm | tsdae_posonly | masked_reconstruction_posonly | diffusion_mlm |
+        # bert_mlm (baseline, concept_losses none)
     objective:str=param('mlm', tuple(OBJECTIVES)) # mlm | tsdae | masked_reconstruction | diffusion | prefix_diffusion
         # (must fit model_type)
     hidden_size:int=param(32, ('>=', 1)) # H, concept width
@@ -195,6 +197,9 @@ def resolve_params(params:dict, # validated run parameters (missing names take `
         fits = [o for o, ms in OBJECTIVES.items() if mt in ms]
         raise ParamError(f"model_type {mt!r} cannot learn objective {obj!r}: use model_type in {list(OBJECTIVES[obj])}"
                          + (f", or objective in {fits}" if fits else ''))
+    if mt in BASELINE_REGISTRY and p['concept_losses'].strip().lower() not in ('', 'none'):
+        raise ParamError(f"model_type {mt!r} has no concepts: concept losses do not apply (pass concept_losses none, "
+                         f"got {p['concept_losses']!r})")
     if not p['num_attention_heads']: p['num_attention_heads'] = max(1, min(8, H // 64))
     if not p['intermediate_size']: p['intermediate_size'] = 4 * H
     if H % p['num_attention_heads']:
@@ -370,7 +375,8 @@ def build_pretraining(params:dict, # resolved run parameters (see `resolve_param
     eval_loader = BatchStream(eval_ds, coll, p['eval_batch_size'] or p['batch_size'], seed=p['seed'] + 1, shuffle=False,
                               separate_decoder=sep)
     set_seed(p['seed'])                                   # initial weights are a function of the seed
-    model = build_model(p['model_type'], **pretrain_model_config(p, tok))
+    build = build_baseline if p['model_type'] in BASELINE_REGISTRY else build_model   # transformers baselines too
+    model = build(p['model_type'], **pretrain_model_config(p, tok))
     if p['init_from']:                                    # warm start: the encoder of another run
         model.init_report = init_encoder_from(model, p['init_from'])
         log(format_init_report(model.init_report))

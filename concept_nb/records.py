@@ -43,6 +43,10 @@ RECORD_FIELDS = (
     Field('model', 'num_hidden_layers', 'num_layers', 'L'),
     Field('model', 'concept_num', 'concept_num', 'C'),
     Field('model', 'num_parameters', 'num_parameters', 'trainable parameters'),
+    Field('model', 'num_parameters_non_embedding', 'params_non_embedding', 'parameters outside the embedding tables'),
+    Field('model', 'flops_per_token', 'flops_per_token', 'forward matmul FLOPs per token of a train step (13_flops)'),
+    Field('model', 'control', 'control', "GLUE: 'random_init' = the checkpoint's architecture fine-tuned from fresh "
+          "weights (the control of `source_run`); '' = the pretrained weights"),
     Field('model', 'checkpoint', 'checkpoint', 'GLUE: the model fine-tuned'),
     Field('model', 'source_run', 'source_run', 'GLUE: the pretraining run it came from'),
     Field('data', 'data', 'data', 'text source'),
@@ -137,7 +141,8 @@ def _upgrade_v1(m:dict, kind:str) -> dict:
     secs = {s: {} for s in ('model', 'data', 'train', 'results')}
     if kind == 'glue':
         top.pop('checkpoint', None)
-        secs['model'].update(checkpoint=m.get('checkpoint'), source_run=m.get('source_run'), model_type=m.get('head'))
+        secs['model'].update(checkpoint=m.get('checkpoint'), source_run=m.get('source_run'), model_type=m.get('head'),
+                             control=m.get('control') or '')
         secs['results'] = _glue_results(m.get('final'), m.get('zero_shot'))
         secs['glue'] = {k: v for k, v in m.items() if k not in TOP_KEYS}
         secs['data']['tasks'] = sorted({k.partition('/')[0] for k in (m.get('final') or {})})
@@ -253,7 +258,8 @@ def default_run_name(kind:str, # 'pretrain' or 'glue'
         ts = task_list(params.get('tasks'))
         tag = '-'.join(ts) if 0 < len(ts) <= 3 else f'{len(ts)}tasks' if ts else 'tasks'
         ck = params.get('checkpoint')
-        return safe_name(f"glue-{tag}-{source_run_of(ck) if ck else 'random-tiny'}")
+        ctl = 'random-init-' if params.get('control') else ''           # the control never shares its source's name
+        return safe_name(f"glue-{tag}-{ctl}{source_run_of(ck) if ck else 'random-tiny'}")
     if {'model_type', 'hidden_size', 'num_hidden_layers', 'concept_num'} <= set(params):
         return safe_name(run_name_for(params['model_type'], dict(params), now=now))
     mt, H, L, C = (params.get(k) or '?' for k in ('model_type', 'hidden_size', 'num_hidden_layers', 'concept_num'))

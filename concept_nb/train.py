@@ -14,6 +14,7 @@ from .analysis import concept_metrics
 from .collators import MLMCollator
 from .controls import (MLM_KEYS, ContextFreeFloor, MLMEvalStats, collator_floor, token_counts,
                                  fill_mask, format_fill_mask)
+from .flops import FLOP_MODELS, Shape, flops_per_token
 from .core import ParamError, check_params, resolve_device
 from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint,
                                     load_model_weights, load_checkpoint)
@@ -26,8 +27,8 @@ from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RU
 __all__ = ['param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig', 'resolve_mixed_precision', 'make_accelerator',
            'NonFiniteLossError', 'PretrainingModule', 'evaluate', 'LoopState', 'Loop', 'setup_loop', 'restore',
            'start_records', 'log_floor', 'accumulate', 'check_finite', 'optimizer_step', 'add_to_window', 'log_window',
-           'save_state', 'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'run_metrics', 'probe_results',
-           'run_pretraining']
+           'save_state', 'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'model_cost', 'run_metrics',
+           'probe_results', 'run_pretraining']
 
 # %% ../nbs/17_train.ipynb #cee64c2a
 def param_groups(model:nn.Module, # the model
@@ -169,6 +170,7 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
                     _, br = loss_manager(out.loss.float(), out.concepts)
                     vals.update({f'eval/{k2}': torch.tensor(v) for k2, v in br.items() if k2.startswith('loss/') and k2 != 'loss/total'})
                 for k2, v in vals.items(): sums[k2] = sums.get(k2, 0.) + v.detach().float().cpu()
+                if out.concepts is None: continue                      # a baseline without concepts (bert_mlm)
                 c = out.concepts.float()
                 concepts.append((accelerator.gather(c.contiguous()) if accelerator is not None and world > 1 else c).cpu())
     finally: model.train(was)
@@ -179,6 +181,7 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
     if mlm is not None:                                               # sums over positions of all processes
         s = mlm.sums if world == 1 else accelerator.reduce(mlm.sums.to(accelerator.device), 'sum').cpu()
         res.update(mlm.summary(s))
+    if not concepts: return (res, None) if return_concepts else res
     allc = torch.cat(concepts)
     res.update({f'concept/{k}': x for k, x in concept_metrics(allc).items()})
     return (res, allc) if return_concepts else res
@@ -209,6 +212,7 @@ def _fmt_eval(r:dict) -> str:
         s += (f" | [MASK] {r['eval_mlm_loss_masked']:.4f} ± {r['eval_mlm_loss_masked_se']:.4f}, below the floor by "
               f"{r['below_floor_masked']:.4f} ± {r['below_floor_masked_se']:.4f}")
     if 'eval_recon_nelbo' in r: s += f" | recon_nelbo {r['eval_recon_nelbo']:.4f}"
+    if 'concept/effective_rank' not in r: return s                          # no concepts (baselines)
     return s + (f" | eff. rank {r['concept/effective_rank']:.2f} | RankMe {r['concept/rankme']:.2f}"
                 f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}"
                 f" | input dep. {r.get('concept/input_dependence', math.nan):.3f}")
@@ -540,6 +544,26 @@ def _train_section(history, tr:list, params:dict) -> dict:
                  steps_per_s=history.step / max(tr[-1]['train_s'], 1e-9))
     return t
 
+# %% ../nbs/17_train.ipynb #c6186760
+def model_cost(model:nn.Module, # the pretraining model (concept model or baseline)
+               params:dict, # the resolved run parameters
+              ) -> dict:
+    "Parameter counts (all, and outside the embedding tables) and forward FLOPs per token (None: no FLOP model)."
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    n = sum(q.numel() for q in model.parameters())
+    n_emb = sum(q.numel() for q in model.parameters() if id(q) in emb)            # token, position (, segment) tables
+    out = dict(num_parameters=n, num_parameters_non_embedding=n - n_emb)
+    cfg, mt = model.config, params.get('model_type')
+    if mt not in FLOP_MODELS: return dict(out, flops_per_token=None)
+    dl = getattr(cfg, 'decoder_layers', 1)
+    layers = getattr(cfg, 'num_iterations', None) or cfg.num_hidden_layers          # recursive: L applications
+    s = Shape(cfg.hidden_size, layers, cfg.intermediate_size, params.get('concept_num') or 1, cfg.num_attention_heads,
+              cfg.vocab_size, dl, dl)
+    N = params['block_size']
+    mlm = params.get('objective') == 'mlm'                                           # the run's own masking share
+    labelled = params.get('mlm_probability', .15) * N if mlm else None
+    return dict(out, flops_per_token=round(flops_per_token(mt, N, s, labelled, params.get('t_min', .3))))
+
 # %% ../nbs/17_train.ipynb #c0de0001
 _MODEL_KEYS = ('model_type', 'objective', 'hidden_size', 'num_hidden_layers', 'concept_num')
 
@@ -555,6 +579,7 @@ def run_metrics(history:History, # `train`'s history
     fl = history.last('floor')
     if fl: results = {'context_free_floor': {k[6:]: fl[k] for k in fl if k.startswith('floor_')}, **results}
     if model is not None: mdl['num_parameters'] = sum(q.numel() for q in model.parameters())
+    if model is not None: mdl.update(model_cost(model, params))
     return make_record('pretrain', status, run_name=params.get('run_name'), run_dir=params.get('run_dir'),
                        checkpoint=history.last_checkpoint, finished_at=datetime.datetime.now().isoformat(timespec='seconds'),
                        model=mdl, data={k: params.get(k) for k in ('data', 'tokenizer', 'block_size')},

@@ -97,8 +97,8 @@ def notebook_params():
 
 def test_rules_and_presets_match_the_run_notebook():
     params = notebook_params()
-    assert len(params) == 24 and {'checkpoint', 'tasks', 'head', 'pair_encoding', 'seeds', 'glue_dir', 'zero_shot',
-                              'protocol', 'via_decoder_queries'} <= set(params)
+    assert len(params) == 25 and {'checkpoint', 'tasks', 'head', 'pair_encoding', 'seeds', 'glue_dir', 'zero_shot',
+                              'protocol', 'via_decoder_queries', 'control'} <= set(params)
     assert set(GLUE_RULES) <= set(params)
     for preset in GLUE_PRESETS.values(): assert set(preset) <= set(params)
     decl = {k: {'str': str, 'int': int, 'float': float, 'bool': bool}[t] for k, t in params.items()}
@@ -107,7 +107,7 @@ def test_rules_and_presets_match_the_run_notebook():
                      (dict(max_length=4), '>= 8'), (dict(train_subset=-1), '>= 0'), (dict(seeds='42;43'), 'comma list'),
                      (dict(device='gpu'), 'cuda:N'), (dict(select_fraction=1.0), '(0, 1)'),
                      (dict(epochs=1.5), 'must be int'), (dict(protocol='selected'), "did you mean 'selection'"),
-                     (dict(via_decoder_queries='tokens'), "'token'")]:
+                     (dict(via_decoder_queries='tokens'), "'token'"), (dict(control='random'), "'random_init'")]:
         with pytest.raises(ParamError, match=msg.replace('(', r'\(').replace(')', r'\)')): check_params(bad, decl, GLUE_RULES)
     check_params(dict(tasks='MRPC, sts-b', seeds='1,2,3', device='cuda:1', lr=2e-5), decl, GLUE_RULES)
     with pytest.raises(ParamError, match="set protocol='selection'"): check_glue_params(dict(tasks='mrpc', patience=2))

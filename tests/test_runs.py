@@ -20,6 +20,8 @@ PARAMS = textwrap.dedent('''
     lr: float = 1e-3  # learning rate
     checkpoint: str = ""  # GLUE: pretraining run
     tasks: str = ""  # GLUE: comma-separated tasks
+    concept_losses: str = "combined"  # pretraining: concept losses
+    control: str = ""  # GLUE: '' or random_init
     fake_metrics: str = "{}"  # JSON merged into the metrics
     fail: bool = False  # raise in the body
 ''').strip()
@@ -281,26 +283,37 @@ def test_main_without_glue_data_says_how(monkeypatch, tmp_path, tiny, capsys):
     monkeypatch.delenv('CONCEPT_NB_GLUE_DIR', raising=False)
     assert CLI.main(['main', '--runs-dir', str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert calls == [('pretrain', {}, 'cpu-small')]
+    # the preset's concept model (its model_type left to the preset) and the shape-matched BERT, no concept loss
+    assert sorted(calls, key=str) == [('pretrain', {'concept_losses': 'none'}, 'cpu-small'),
+                                      ('pretrain', {'model_type': 'bert_mlm', 'concept_losses': 'none'}, 'cpu-small')]
     assert 'GLUE step skipped: CONCEPT_NB_GLUE_DIR is not set' in out and 'export CONCEPT_NB_GLUE_DIR=' in out
-    assert 'experiment log' in out and (tmp_path/'EXPERIMENT_LOG.md').exists() and 'task loss 6.5' in out
+    assert 'experiment log' in out and (tmp_path/'EXPERIMENT_LOG.md').exists()
+    summary = out[out.index('[3/3] summary'):]
+    assert summary.count('6.500') == 2 and 'no context-free floor in its record' in summary   # both rows, no verdict
 
 
-def test_main_runs_glue_on_the_new_checkpoint(monkeypatch, tmp_path, tiny, capsys):
+def test_main_runs_glue_on_both_checkpoints_and_their_controls(monkeypatch, tmp_path, tiny, capsys):
     calls = []
     _fake_runner(monkeypatch, tiny, calls)
     glue = tmp_path/'glue'
     for t in ('MRPC', 'STS-B'):
         (glue/t).mkdir(parents=True); (glue/t/'train.tsv').write_text('x'); (glue/t/'dev.tsv').write_text('x')
     monkeypatch.setenv('CONCEPT_NB_GLUE_DIR', str(glue))
-    assert CLI.main(['main', '--runs-dir', str(tmp_path/'runs')]) == 0
-    (k1, _, _), (k2, gp, _) = calls
+    monkeypatch.setitem(globals(), 'GLUE_METRICS', dict(final={'mrpc/f1': 80.2, 'stsb/pearson': 12.5},
+                                                        majority={'mrpc/f1': 81.2}))   # a GLUE record's own layout
+    assert CLI.main(['main', '--runs-dir', str(tmp_path/'runs'), '-p', 'steps', '5']) == 0
+    pre = [p for k, p, _ in calls if k == 'pretrain']
+    gl = [(p, g) for k, p, g in calls if k == 'glue']
+    assert len(pre) == 2 and all(p['steps'] == 5 for p in pre) and len(gl) == 4   # the same budget for both models
     reg = RG.load_registry(tmp_path/'runs')
-    pre = reg[reg.kind == 'pretrain'].iloc[0]
-    assert (k1, k2) == ('pretrain', 'glue') and gp['tasks'] == 'mrpc,stsb' and gp['checkpoint'] == pre.run_dir
-    assert reg[reg.kind == 'glue'].iloc[0].source_run_id == pre.run_id
+    runs = set(reg[reg.kind == 'pretrain'].run_dir)
+    assert {p['checkpoint'] for p, _ in gl} == runs and all(p['tasks'] == 'mrpc,stsb' for p, _ in gl)
+    assert sorted(p.get('control', '') for p, _ in gl) == ['', '', 'random_init', 'random_init']
+    assert {g for _, g in gl} == {'glue-main'}
     out = capsys.readouterr().out
-    assert 'MRPC F1 80.2' in out and 'GLUE record:' in out
+    summary = out[out.index('[3/3] summary'):]
+    assert 'concept (random init)' in summary and 'bert_mlm (random init)' in summary, summary
+    assert summary.count('80.2') == 4 and '81.2' in summary and 'MRPC f1' in summary
 
 
 def test_main_failed_pretraining_still_logs(monkeypatch, tmp_path, tiny, capsys):
