@@ -16,6 +16,7 @@ from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_mode
                                     load_model_weights, load_checkpoint)
 from .records import (History, Recorder, resume_history, make_record, write_record, start_run,
                                 write_run_params, record_failure, init_wandb)
+from .diffusion_lm import heldout_bound, diffusion_samples
 from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RULES,
                                 BatchStream, derive_seed, resolve_params, build_pretraining, list_presets)
 
@@ -23,7 +24,8 @@ from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RU
 __all__ = ['param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig', 'resolve_mixed_precision', 'make_accelerator',
            'NonFiniteLossError', 'PretrainingModule', 'evaluate', 'LoopState', 'Loop', 'setup_loop', 'restore',
            'start_records', 'accumulate', 'check_finite', 'optimizer_step', 'add_to_window', 'log_window', 'save_state',
-           'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'run_metrics', 'run_pretraining']
+           'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'run_metrics', 'diffusion_lm_results',
+           'run_pretraining']
 
 # %% ../nbs/17_train.ipynb #cee64c2a
 def param_groups(model:nn.Module, # the model
@@ -134,6 +136,8 @@ class PretrainingModule(nn.Module):
 def _to(batch:dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+_BOUNDS = ('recon_nelbo', 'nelbo', 'suffix_nelbo')   # 02_heads / 04_diffusion_lm output names
+
 @torch.no_grad()
 def evaluate(model:nn.Module, # the (unwrapped) pretraining model
              eval_data:BatchStream, # held-out batches
@@ -142,7 +146,7 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
              accelerator=None, # reduce over processes when given
              return_concepts:bool=False, # also return the (n, C, H) concepts
             ):
-    "Held-out task loss (+ reconstruction NELBO, concept losses) and concept-geometry metrics."
+    "Held-out task loss (+ the diffusion bound, concept losses) and concept-geometry metrics (models with concepts)."
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
     was = model.training; model.eval()
@@ -153,11 +157,13 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
             for k in range(n_batches):
                 out = model(**_to(eval_data.batch(k, rank, world), device))
                 vals = {'eval_loss': out.loss.float()}
-                if getattr(out, 'recon_nelbo', None) is not None: vals['eval_recon_nelbo'] = out.recon_nelbo.float()
+                for b in _BOUNDS:                                         # each bound under its own name
+                    if getattr(out, b, None) is not None: vals[f'eval_{b}'] = getattr(out, b).float()
                 if loss_manager is not None and getattr(loss_manager, 'names', None):
                     _, br = loss_manager(out.loss.float(), out.concepts)
                     vals.update({f'eval/{k2}': torch.tensor(v) for k2, v in br.items() if k2.startswith('loss/') and k2 != 'loss/total'})
                 for k2, v in vals.items(): sums[k2] = sums.get(k2, 0.) + v.detach().float().cpu()
+                if out.concepts is None: continue                        # the Transformer MDLM baseline
                 c = out.concepts.float()
                 concepts.append((accelerator.gather(c.contiguous()) if accelerator is not None and world > 1 else c).cpu())
     finally: model.train(was)
@@ -165,8 +171,8 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
     v = torch.stack([sums[k] / n_batches for k in keys])
     if accelerator is not None and world > 1: v = accelerator.reduce(v.to(accelerator.device), 'mean').cpu()
     res = dict(zip(keys, v.tolist()))
-    allc = torch.cat(concepts)
-    res.update({f'concept/{k}': x for k, x in concept_metrics(allc).items()})
+    allc = torch.cat(concepts) if concepts else None
+    if allc is not None: res.update({f'concept/{k}': x for k, x in concept_metrics(allc).items()})
     return (res, allc) if return_concepts else res
 
 # %% ../nbs/17_train.ipynb #78c0c21c
@@ -191,7 +197,8 @@ def _fmt_log(r:dict, steps:int) -> str:
 
 def _fmt_eval(r:dict) -> str:
     s = f"eval @ step {r['step']} | loss {r['eval_loss']:.4f}"
-    if 'eval_recon_nelbo' in r: s += f" | recon_nelbo {r['eval_recon_nelbo']:.4f}"
+    s += ''.join(f" | {b} {r['eval_' + b]:.4f}" for b in _BOUNDS if 'eval_' + b in r)
+    if 'concept/effective_rank' not in r: return s                        # a model without concepts
     return s + (f" | eff. rank {r['concept/effective_rank']:.2f} | RankMe {r['concept/rankme']:.2f}"
                 f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}"
                 f" | input dep. {r.get('concept/input_dependence', math.nan):.3f}")
@@ -438,8 +445,9 @@ def train(model:nn.Module, # a pretraining model (its forward takes the collator
 # %% ../nbs/17_train.ipynb #95e92653
 def plot_loss_curves(history:History|list, # `train`'s history (or its records)
                      ax=None, # one axes, or None for a new figure
+                     bound:dict|None=None, # a diffusion LM's final held-out bound (`heldout_bound`): marked at the end
                     ):
-    "Training loss (total and task), held-out loss and the learning rate against the step."
+    "Training loss (total and task), held-out loss (and diffusion bounds) and the learning rate against the step."
     import matplotlib.pyplot as plt
     h = History(history)
     tr, ev = h.of('train'), h.of('eval')
@@ -454,9 +462,13 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
                     lw=1, ls=':')
     if ev:
         ax.plot([r['step'] for r in ev], [r['eval_loss'] for r in ev], 'o-', ms=4, label='held-out task loss')
-        if 'eval_recon_nelbo' in ev[-1]:
-            ax.plot([r['step'] for r in ev], [r.get('eval_recon_nelbo') for r in ev], 's--', ms=3,
-                    label='held-out recon NELBO')
+        for b in (b for b in _BOUNDS if 'eval_' + b in ev[-1]):                 # one t draw per evaluation
+            ax.plot([r['step'] for r in ev], [r.get('eval_' + b) for r in ev], 's--', ms=3, label=f'held-out {b}')
+    if bound is not None:
+        step = (ev or tr)[-1]['step']
+        ax.errorbar([step], [bound['nats']], yerr=[bound['se']], fmt='*', ms=10, color='k',
+                    label=f"final held-out {bound['bound_name']}: {bound['nats']:.3f} nats = "
+                          f"{bound['bits_per_token']:.3f} bits/token ({bound['draws']} t draws)")
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=.3)
     if tr:
         a2 = ax.twinx()
@@ -471,7 +483,8 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
 def _results(tr:list, ev:list, params:dict) -> dict:
     "The `results` section: losses at the start and end, and the last evaluation's concept geometry."
     r = {}
-    if any('recon_nelbo' in x for x in tr) or any('eval_recon_nelbo' in x for x in ev):
+    old = params.get('objective') != 'diffusion_lm'                      # 04's bounds average t over (0, 1]
+    if old and (any('recon_nelbo' in x for x in tr) or any('eval_recon_nelbo' in x for x in ev)):
         r['recon_nelbo_t_range'] = [params.get('t_min'), 1.0]            # the bound averages t over this range only
     if tr:
         r.update(train_loss_start=tr[0]['loss'], train_loss_end=tr[-1]['loss'], task_loss_end=tr[-1]['task_loss'])
@@ -511,6 +524,18 @@ def run_metrics(history:History, # `train`'s history
                        model=mdl, data={k: params.get(k) for k in ('data', 'tokenizer', 'block_size')},
                        train=_train_section(history, tr, params), results={**_results(tr, ev, params), **results})
 
+# %% ../nbs/17_train.ipynb #dlm00001
+def diffusion_lm_results(model, tokenizer, eval_data:BatchStream, params:dict, log=print) -> dict:
+    "A diffusion LM's final held-out bound (`heldout_bound`, at most `bound_draws` t draws) and its samples, as results."
+    b = heldout_bound(model, [eval_data.batch(k) for k in range(params['eval_batches'])],
+                      max_draws=params['bound_draws'], seed=params['seed'])
+    log(f"held-out {b['bound_name']}: {b['nats']:.4f} ± {b['se']:.4f} nats = {b['bits_per_token']:.4f} bits per "
+        f"maskable token ({b['draws']} t draws over {b['tokens']:,} tokens, {b['wall_s']:.1f}s)")
+    return dict(bound=b, bound_name=b['bound_name'], heldout_bound_nats=b['nats'], heldout_bound_se=b['se'],
+                heldout_bound_bits_per_token=b['bits_per_token'], heldout_bound_draws=b['draws'],
+                heldout_bound_eval_s=b['wall_s'], samples=diffusion_samples(model, tokenizer))
+
+
 # %% ../nbs/17_train.ipynb #c0de0002
 def run_pretraining(params:dict, # run parameters (missing names take `PRETRAIN_DEFAULTS`; a preset applies)
                     log=print, # where log lines go
@@ -533,7 +558,8 @@ def run_pretraining(params:dict, # run parameters (missing names take `PRETRAIN_
         if main: write_run_params(run_dir, p, model)
         h = train(model, tr, ev, lm, TrainConfig.from_params(p), run_dir, tok, params=p, log=log)
         if main: save_model(model, tok, run_dir / 'model')
-    m = run_metrics(h, p, model=model)
+    extra = diffusion_lm_results(model, tok, ev, p, log) if main and p['objective'] == 'diffusion_lm' else {}
+    m = run_metrics(h, p, model=model, **{k: v for k, v in extra.items() if k != 'bound'})
     m['train']['model_dir'] = str(run_dir / 'model')
     if main: write_record(run_dir, **m)
     return m
