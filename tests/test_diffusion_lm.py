@@ -131,11 +131,22 @@ def test_heldout_bound_stops_at_its_standard_error():
     torch.manual_seed(0)
     m = ConceptDiffusionLM(cfg())
     batches = [dict(input_ids=IDS, attention_mask=AM)] * 2
-    r = heldout_bound(m, batches, max_draws=50, target_se=0.5)   # the 1/t weight: ~2 nats sd per draw of 22 tokens
+    r = heldout_bound(m, batches, max_draws=50, target_se=0.5, estimator='t')   # 1/t weight: ~2 nats sd per draw
     assert r['se'] <= 0.5 and 4 <= r['draws'] < 50 and r['bits_per_token'] == pytest.approx(r['nats'] / math.log(2))
     assert heldout_bound(m, batches, max_draws=5, target_se=0.)['nats'] == heldout_bound(m, batches, max_draws=5,
                                                                                       target_se=0.)['nats']
     assert m.training                                          # restored
+
+
+def test_masked_count_estimator_is_the_same_bound_with_less_variance():
+    "int_0^1 (1/t) Binom(k; n, t) dt = 1/k: E_k[(n/k) sum CE] equals the continuous-time NELBO (no t input)."
+    torch.manual_seed(0)
+    m = ConceptDiffusionLM(cfg())
+    batches = [dict(input_ids=IDS, attention_mask=AM)]
+    rk, rt = [heldout_bound(m, batches, max_draws=48, target_se=0., estimator=e) for e in ('k', 't')]
+    assert abs(rk['nats'] - rt['nats']) < 4 * math.hypot(rk['se'], rt['se'])
+    assert rk['se'] < rt['se'] / 5
+    with pytest.raises(ValueError, match="estimator must be"): m(IDS, AM, estimator='x')
 
 
 def test_prefix_preset_runs_and_records_its_bound_and_samples():
