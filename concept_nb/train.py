@@ -467,8 +467,8 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
     if bound is not None:
         step = (ev or tr)[-1]['step']
         ax.errorbar([step], [bound['nats']], yerr=[bound['se']], fmt='*', ms=10, color='k',
-                    label=f"final held-out {bound['bound_name']}: {bound['nats']:.3f} nats = "
-                          f"{bound['bits_per_token']:.3f} bits/token ({bound['draws']} t draws)")
+                    label=f"final held-out {bound['bound_name']}: {bound['nats']:.3f} ± {bound['se']:.3f} nats = "
+                          f"{bound['bits_per_token']:.3f} bits per token ({bound['draws']} draws)")
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=.3)
     if tr:
         a2 = ax.twinx()
