@@ -1,10 +1,11 @@
-"Issue 19: the concept-conditioned masked-diffusion LM (04_diffusion_lm): bounds, conditioning, sampler, baseline, runs."
+"Issue 19: the concept-conditioned masked-diffusion LM (04_diffusion_lm): bounds, conditioning, sampler, runs."
 import math, tempfile
 import pytest, torch, torch.nn as nn
 from concept_nb.config import ConceptEncoderConfig
 from concept_nb.heads import ConceptEncoderForMaskedDiffusion, build_model, maskable_tokens
 from concept_nb.diffusion_lm import (BOUND_NAMES, ConceptDiffusionLM, MaskedDiffusionLMMixin, MDLMTransformer,
-                                     committed_token_effect, generate, heldout_bound, mask_tokens, prefix_mask, sample_t)
+                                     committed_token_effect, generate, heldout_bound, mask_tokens, prefix_mask,
+                                     sample_t)
 
 torch.set_num_threads(1)
 MASK = 1
