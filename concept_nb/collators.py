@@ -12,7 +12,7 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'MASKING_MODES', 'COLLATORS', 'BaseCollator', 'infer_word_scheme', 'WordBoundaries', 'word_index',
            'show_batch', 'MLMCollator', 'TSDAECollator', 'MaskedReconstructionCollator', 'DiffusionCollator',
-           'PrefixDiffusionCollator', 'collator_for']
+           'PrefixDiffusionCollator', 'CleanTextCollator', 'collator_for']
 
 # %% ../nbs/06_collators.ipynb #47065f56
 IGNORE_INDEX = -100
@@ -468,8 +468,15 @@ class PrefixDiffusionCollator(DiffusionCollator):
                     labels=self._stack(labels, IGNORE_INDEX), t=ts)
 
 # %% ../nbs/06_collators.ipynb #e2bfa1e7
+class CleanTextCollator(BaseCollator):
+    "Padded clean text only (`input_ids`, `attention_mask`): the diffusion LMs (04) draw t, prefix and mask themselves."
+    def __call__(self, features:list[dict]) -> dict[str, Tensor]:
+        ids, real, _ = self._pad(features)
+        return dict(input_ids=ids, attention_mask=real.long())
+
 COLLATORS = {'mlm': MLMCollator, 'tsdae': TSDAECollator, 'masked_reconstruction': MaskedReconstructionCollator,
-             'diffusion': DiffusionCollator, 'prefix_diffusion': PrefixDiffusionCollator}
+             'diffusion': DiffusionCollator, 'prefix_diffusion': PrefixDiffusionCollator,
+             'diffusion_lm': CleanTextCollator}
 
 def collator_for(objective:str, # 'mlm' | 'tsdae' | 'masked_reconstruction' | 'diffusion' | 'prefix_diffusion'
                  tokenizer, # the tokenizer that made the features

@@ -7,14 +7,16 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 # %% auto #0
-__all__ = ['POSITION_TYPES', 'DECODER_TYPES', 'CLASSIFIER_HEADS', 'ELBO_WEIGHTINGS', 'ConceptEncoderConfig',
-           'register_auto_classes']
+__all__ = ['POSITION_TYPES', 'DECODER_TYPES', 'CLASSIFIER_HEADS', 'ELBO_WEIGHTINGS', 'TOKEN_MIXINGS', 'DIFFUSION_MODES',
+           'ConceptEncoderConfig', 'register_auto_classes']
 
 # %% ../nbs/00_config.ipynb #cc7a27ce
 POSITION_TYPES = ('none', 'sinusoidal', 'learned')
 DECODER_TYPES = ('weighted', 'perceiver', 'posonly', 'diffusion')
 CLASSIFIER_HEADS = ('cls_query', 'weighted_pool', 'via_decoder', 'pair')
 ELBO_WEIGHTINGS = ('none', 'self_normalized', 'mdlm')
+TOKEN_MIXINGS = ('concepts', 'full', 'none')   # diffusion LM denoiser: how tokens of x_t exchange information
+DIFFUSION_MODES = ('autoencode', 'lm', 'prefix')   # diffusion LM: what the concept encoder reads
 
 def _check(cond:bool, field:str, msg:str):
     "Raise a `ValueError` naming `field` unless `cond`."
@@ -52,6 +54,8 @@ class ConceptEncoderConfig(PretrainedConfig):
                  label_smoothing:float=0.1, # diffusion: label smoothing of the denoising CE
                  elbo_weighting:str='mdlm', # diffusion loss: none | self_normalized (upstream) | mdlm (NELBO estimator)
                  timestep_scale:float=1000.0, # diffusion: t in [0,1] is multiplied by this before the sinusoids
+                 token_mixing:str='concepts', # diffusion LM denoiser: concepts (O(N*C)) | full (+ O(N^2)) | none
+                 diffusion_mode:str='lm', # diffusion LM: autoencode (clean text) | lm (x_t) | prefix (clean prefix)
                  tie_word_embeddings:bool=True, # tie the LM head to the token embedding when shapes allow
                  pad_token_id:int|None=None, mask_token_id:int|None=None, cls_token_id:int|None=None,
                  sep_token_id:int|None=None, bos_token_id:int|None=None, eos_token_id:int|None=None,
@@ -70,6 +74,7 @@ class ConceptEncoderConfig(PretrainedConfig):
         self.via_decoder_queries, self.zero_concepts, self.objective = via_decoder_queries, zero_concepts, objective
         self.t_min, self.label_smoothing = t_min, label_smoothing
         self.elbo_weighting, self.timestep_scale = elbo_weighting, timestep_scale
+        self.token_mixing, self.diffusion_mode = token_mixing, diffusion_mode
         self.mask_token_id, self.cls_token_id, self.sep_token_id, self.unk_token_id = \
             mask_token_id, cls_token_id, sep_token_id, unk_token_id
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
@@ -110,6 +115,9 @@ class ConceptEncoderConfig(PretrainedConfig):
                f"must be None or an objective name, got {self.objective!r}")
         _check(self.elbo_weighting in ELBO_WEIGHTINGS, 'elbo_weighting',
                f"{self.elbo_weighting!r} is not one of {ELBO_WEIGHTINGS}")
+        _check(self.token_mixing in TOKEN_MIXINGS, 'token_mixing', f"{self.token_mixing!r} is not one of {TOKEN_MIXINGS}")
+        _check(self.diffusion_mode in DIFFUSION_MODES, 'diffusion_mode',
+               f"{self.diffusion_mode!r} is not one of {DIFFUSION_MODES}")
         for f in ('hidden_dropout_prob', 'attention_probs_dropout_prob', 'label_smoothing'):
             _check(0 <= getattr(self, f) < 1, f, f"must be in [0, 1), got {getattr(self, f)!r}")
         _check(0 < self.t_min <= 1, 't_min', f"must be in (0, 1], got {self.t_min!r}")

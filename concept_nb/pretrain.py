@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Iterator
 import numpy as np
 import torch
-from .config import POSITION_TYPES, ELBO_WEIGHTINGS
+from .config import POSITION_TYPES, ELBO_WEIGHTINGS, TOKEN_MIXINGS, DIFFUSION_MODES
 from .heads import MODEL_REGISTRY, build_model
 from .baselines import BASELINE_REGISTRY, build_baseline
+from .diffusion_lm import DIFFUSION_LM_TYPES   # registers the diffusion LMs
 from .losses import LOSS_REGISTRY, WEIGHTINGS, LossConfig, LossManager
 from .data import load_text, load_tokenizer, pack_documents
 from .collators import collator_for
@@ -31,7 +32,8 @@ OBJECTIVES = {'mlm': ('perceiver_mlm', 'weighted_mlm', 'perceiver_posonly_mlm', 
               'tsdae': ('tsdae_posonly',),
               'masked_reconstruction': ('masked_reconstruction_posonly',),
               'diffusion': ('diffusion_mlm',),
-              'prefix_diffusion': ('diffusion_mlm',)}
+              'prefix_diffusion': ('diffusion_mlm',),
+              'diffusion_lm': DIFFUSION_LM_TYPES}   # 04_diffusion_lm: the model draws t and masks itself
 SCHEDULES = ('linear', 'cosine', 'constant')
 MIXED_PRECISIONS = ('auto', 'no', 'bf16', 'fp16')
 DEVICES = ('auto', 'cpu', 'cuda')
@@ -118,8 +120,9 @@ class PretrainParams:
         # folder, or a hub name
     model_type:str=param('perceiver_mlm', (*MODEL_REGISTRY, *BASELINE_REGISTRY)) # weighted_mlm | perceiver_mlm |
         # perceiver_posonly_mlm | recursive_mlm | tsdae_posonly | masked_reconstruction_posonly | diffusion_mlm |
-        # bert_mlm (baseline, concept_losses none)
-    objective:str=param('mlm', tuple(OBJECTIVES)) # mlm | tsdae | masked_reconstruction | diffusion | prefix_diffusion
+        # concept_diffusion_lm | mdlm_transformer | bert_mlm (baseline, concept_losses none)
+    objective:str=param('mlm', tuple(OBJECTIVES)) # mlm | tsdae | masked_reconstruction | diffusion | prefix_diffusion |
+        # diffusion_lm
         # (must fit model_type)
     hidden_size:int=param(32, ('>=', 1)) # H, concept width
     concept_num:int=param(8, ('>=', 1)) # C, number of concepts (must be < block_size)
@@ -139,6 +142,12 @@ class PretrainParams:
         # masked_reconstruction: of tokens hidden
     t_min:float=param(0.3, _open_unit(False, True)) # diffusion: smallest noise level
     elbo_weighting:str=param('mdlm', ELBO_WEIGHTINGS) # diffusion loss weighting: none | self_normalized | mdlm
+    diffusion_mode:str=param('lm', DIFFUSION_MODES) # diffusion_lm: autoencode (bounds -log p(x|concepts(x))) | lm
+        # (-log p(x)) | prefix (-log p(suffix|prefix))
+    token_mixing:str=param('concepts', TOKEN_MIXINGS) # diffusion_lm denoiser: concepts (O(N C)) | full (+ token
+        # self-attention) | none (upstream)
+    bound_draws:int=param(32, ('>=', 1)) # diffusion_lm: most t draws of the final held-out bound (stops once the
+        # SE is below 0.01 nat)
     concept_losses:str=param('combined', _losses_rule) # space-separated concept losses, or 'none'
     loss_weighting:str=param('fixed', WEIGHTINGS) # fixed | learnable | kendall_gal | anchored_uncertainty
     loss_weight:float=param(0.1, ('>=', 0)) # fixed: total concept-loss weight, split evenly over the losses
@@ -338,7 +347,8 @@ def collator_kwargs(params:dict) -> dict:
     kw = dict(mlm=dict(mlm_probability=params['mlm_probability'], masking=params['masking']),
               tsdae=dict(deletion_rate=params['deletion_rate']),                 # words, closed up
               masked_reconstruction=dict(deletion_rate=params['deletion_rate']), # tokens, hidden in place
-              diffusion=dict(t_min=params['t_min']), prefix_diffusion=dict(t_min=params['t_min']))[o]
+              diffusion=dict(t_min=params['t_min']), prefix_diffusion=dict(t_min=params['t_min']),
+              diffusion_lm={})[o]
     return dict(kw, pad_to_multiple_of=8, seed=None)
 
 def pretrain_model_config(params:dict, tokenizer) -> dict:
@@ -351,7 +361,8 @@ def pretrain_model_config(params:dict, tokenizer) -> dict:
                 token_embedding_dim=p['token_embedding_dim'] or None, use_bixt=p['use_bixt'],
                 num_iterations=p['num_iterations'] or None, concept_position_type=p['concept_position_type'],
                 max_sequence_length=p['block_size'], t_min=p['t_min'], elbo_weighting=p['elbo_weighting'],
-                objective=p['objective'], tokenizer_name=p['tokenizer'], **ids)
+                objective=p['objective'], tokenizer_name=p['tokenizer'], diffusion_mode=p['diffusion_mode'],
+                token_mixing=p['token_mixing'], **ids)
 
 def build_pretraining(params:dict, # resolved run parameters (see `resolve_params`)
                       log=print, # progress messages

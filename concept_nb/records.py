@@ -77,6 +77,14 @@ RECORD_FIELDS = (
     Field('results', 'mean_concept_similarity', 'mean_similarity', 'mean |cos| between concepts'),
     Field('results', 'max_concept_similarity', 'max_similarity', 'max |cos| between concepts'),
     Field('results', 'input_dependence', 'input_dependence', 'how much the concepts depend on the input'),
+    # diffusion LMs (04_diffusion_lm): the bound named for what it bounds, on held-out data, averaged over t draws
+    Field('results', 'bound_name', 'bound', 'nelbo (-log p(x)) | suffix_nelbo (-log p(suffix|prefix)) | recon_nelbo'),
+    Field('results', 'heldout_bound_nats', 'bound_nats', 'held-out bound, nats per maskable token'),
+    Field('results', 'heldout_bound_bits_per_token', 'bound_bits', 'held-out bound, bits per maskable token'),
+    Field('results', 'heldout_bound_se', None, 'its standard error over t draws (nats)'),
+    Field('results', 'heldout_bound_draws', None, 't draws it took'),
+    Field('results', 'heldout_bound_eval_s', None, 'wall seconds of that evaluation'),
+    Field('results', 'samples', None, 'greedy samples of three fixed prompts: prompt, kind, text'),
 )
 
 # %% ../nbs/15_records.ipynb #c3b3eddf

@@ -20,6 +20,7 @@ from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_mode
                                     load_model_weights, load_checkpoint)
 from .records import (History, Recorder, resume_history, make_record, write_record, start_run,
                                 write_run_params, record_failure, init_wandb)
+from .diffusion_lm import heldout_bound, diffusion_samples
 from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RULES,
                                 BatchStream, derive_seed, resolve_params, build_pretraining)
 
@@ -28,7 +29,7 @@ __all__ = ['param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig', 'r
            'NonFiniteLossError', 'PretrainingModule', 'evaluate', 'LoopState', 'Loop', 'setup_loop', 'restore',
            'start_records', 'log_floor', 'accumulate', 'check_finite', 'optimizer_step', 'add_to_window', 'log_window',
            'save_state', 'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'model_cost', 'run_metrics',
-           'probe_results', 'run_pretraining']
+           'diffusion_lm_results', 'probe_results', 'run_pretraining']
 
 # %% ../nbs/17_train.ipynb #cee64c2a
 def param_groups(model:nn.Module, # the model
@@ -139,6 +140,8 @@ class PretrainingModule(nn.Module):
 def _to(batch:dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+_BOUNDS = ('recon_nelbo', 'nelbo', 'suffix_nelbo')   # 02_heads / 04_diffusion_lm output names
+
 @torch.no_grad()
 def evaluate(model:nn.Module, # the (unwrapped) pretraining model
              eval_data:BatchStream, # held-out batches
@@ -148,7 +151,7 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
              return_concepts:bool=False, # also return the (n, C, H) concepts
              floor:ContextFreeFloor|None=None, # MLM: the run's context-free floor (for the paired distance to it)
             ):
-    "Held-out task loss (+ reconstruction NELBO, concept losses, MLM losses by position type) and concept geometry."
+    "Held-out task loss (+ diffusion bounds, concept losses, MLM losses by position type) and concept geometry."
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
     was = model.training; model.eval()
@@ -165,12 +168,13 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
                 lg = getattr(out, 'logits', None) if lg is None else lg
                 if mlm is not None and lg is not None: mlm.add(lg, batch['labels'], batch['input_ids'])
                 vals = {'eval_loss': out.loss.float()}
-                if getattr(out, 'recon_nelbo', None) is not None: vals['eval_recon_nelbo'] = out.recon_nelbo.float()
+                for b in _BOUNDS:                                         # each bound under its own name
+                    if getattr(out, b, None) is not None: vals[f'eval_{b}'] = getattr(out, b).float()
                 if loss_manager is not None and getattr(loss_manager, 'names', None):
                     _, br = loss_manager(out.loss.float(), out.concepts)
                     vals.update({f'eval/{k2}': torch.tensor(v) for k2, v in br.items() if k2.startswith('loss/') and k2 != 'loss/total'})
                 for k2, v in vals.items(): sums[k2] = sums.get(k2, 0.) + v.detach().float().cpu()
-                if out.concepts is None: continue                      # a baseline without concepts (bert_mlm)
+                if out.concepts is None: continue                      # a model without concepts (baselines)
                 c = out.concepts.float()
                 concepts.append((accelerator.gather(c.contiguous()) if accelerator is not None and world > 1 else c).cpu())
     finally: model.train(was)
@@ -211,8 +215,8 @@ def _fmt_eval(r:dict) -> str:
     if 'below_floor_masked' in r:
         s += (f" | [MASK] {r['eval_mlm_loss_masked']:.4f} ± {r['eval_mlm_loss_masked_se']:.4f}, below the floor by "
               f"{r['below_floor_masked']:.4f} ± {r['below_floor_masked_se']:.4f}")
-    if 'eval_recon_nelbo' in r: s += f" | recon_nelbo {r['eval_recon_nelbo']:.4f}"
-    if 'concept/effective_rank' not in r: return s                          # no concepts (baselines)
+    s += ''.join(f" | {b} {r['eval_' + b]:.4f}" for b in _BOUNDS if 'eval_' + b in r)
+    if 'concept/effective_rank' not in r: return s                        # a model without concepts
     return s + (f" | eff. rank {r['concept/effective_rank']:.2f} | RankMe {r['concept/rankme']:.2f}"
                 f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}"
                 f" | input dep. {r.get('concept/input_dependence', math.nan):.3f}")
@@ -487,8 +491,9 @@ def _plot_floor(ax, floor:dict, ev:list):
 # %% ../nbs/17_train.ipynb #95e92653
 def plot_loss_curves(history:History|list, # `train`'s history (or its records)
                      ax=None, # one axes, or None for a new figure
+                     bound:dict|None=None, # a diffusion LM's final held-out bound (`heldout_bound`): marked at the end
                     ):
-    "Training loss (total and task), held-out loss, the context-free floor (MLM) and the learning rate by step."
+    "Training loss (total and task), held-out loss (and diffusion bounds), the context-free floor (MLM) and the learning rate by step."
     import matplotlib.pyplot as plt
     h = History(history)
     tr, ev = h.of('train'), h.of('eval')
@@ -503,10 +508,14 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
                     lw=1, ls=':')
     if ev:
         ax.plot([r['step'] for r in ev], [r['eval_loss'] for r in ev], 'o-', ms=4, label='held-out task loss')
-        if 'eval_recon_nelbo' in ev[-1]:
-            ax.plot([r['step'] for r in ev], [r.get('eval_recon_nelbo') for r in ev], 's--', ms=3,
-                    label='held-out recon NELBO')
+        for b in (b for b in _BOUNDS if 'eval_' + b in ev[-1]):                 # one t draw per evaluation
+            ax.plot([r['step'] for r in ev], [r.get('eval_' + b) for r in ev], 's--', ms=3, label=f'held-out {b}')
     _plot_floor(ax, h.last('floor'), ev)
+    if bound is not None:
+        step = (ev or tr)[-1]['step']
+        ax.errorbar([step], [bound['nats']], yerr=[bound['se']], fmt='*', ms=10, color='k',
+                    label=f"final held-out {bound['bound_name']}: {bound['nats']:.3f} ± {bound['se']:.3f} nats = "
+                          f"{bound['bits_per_token']:.3f} bits per token ({bound['draws']} draws)")
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=.3)
     if tr:
         a2 = ax.twinx()
@@ -521,7 +530,8 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
 def _results(tr:list, ev:list, params:dict) -> dict:
     "The `results` section: losses at the start and end, and the last evaluation's concept geometry."
     r = {}
-    if any('recon_nelbo' in x for x in tr) or any('eval_recon_nelbo' in x for x in ev):
+    old = params.get('objective') != 'diffusion_lm'                      # 04's bounds average t over (0, 1]
+    if old and (any('recon_nelbo' in x for x in tr) or any('eval_recon_nelbo' in x for x in ev)):
         r['recon_nelbo_t_range'] = [params.get('t_min'), 1.0]            # the bound averages t over this range only
     if tr:
         r.update(train_loss_start=tr[0]['loss'], train_loss_end=tr[-1]['loss'], task_loss_end=tr[-1]['task_loss'])
@@ -585,6 +595,18 @@ def run_metrics(history:History, # `train`'s history
                        model=mdl, data={k: params.get(k) for k in ('data', 'tokenizer', 'block_size')},
                        train=_train_section(history, tr, params), results={**_results(tr, ev, params), **results})
 
+# %% ../nbs/17_train.ipynb #dlm00001
+def diffusion_lm_results(model, tokenizer, eval_data:BatchStream, params:dict, log=print) -> dict:
+    "A diffusion LM's final held-out bound (`heldout_bound`, at most `bound_draws` t draws) and its samples, as results."
+    b = heldout_bound(model, [eval_data.batch(k) for k in range(params['eval_batches'])],
+                      max_draws=params['bound_draws'], seed=params['seed'])
+    log(f"held-out {b['bound_name']}: {b['nats']:.4f} ± {b['se']:.4f} nats = {b['bits_per_token']:.4f} bits per "
+        f"maskable token ({b['draws']} t draws over {b['tokens']:,} tokens, {b['wall_s']:.1f}s)")
+    return dict(bound=b, bound_name=b['bound_name'], heldout_bound_nats=b['nats'], heldout_bound_se=b['se'],
+                heldout_bound_bits_per_token=b['bits_per_token'], heldout_bound_draws=b['draws'],
+                heldout_bound_eval_s=b['wall_s'], samples=diffusion_samples(model, tokenizer))
+
+
 # %% ../nbs/17_train.ipynb #684cc33b
 def probe_results(model:nn.Module, tokenizer, params:dict) -> dict:
     "The end-of-run probes of an MLM run: top-5 fill-mask answers of the probe sentences (`controls.PROBE_SENTENCES`)."
@@ -613,7 +635,9 @@ def run_pretraining(params:dict, # run parameters (missing names take `PRETRAIN_
         if main: write_run_params(run_dir, p, model)
         h = train(model, tr, ev, lm, TrainConfig.from_params(p), run_dir, tok, params=p, log=log)
         if main: save_model(model, tok, run_dir / 'model')
-    m = run_metrics(h, p, model=model, **probe_results(model, tok, p))
+    extra = diffusion_lm_results(model, tok, ev, p, log) if main and p['objective'] == 'diffusion_lm' else {}
+    m = run_metrics(h, p, model=model, **probe_results(model, tok, p),
+                     **{k: v for k, v in extra.items() if k != 'bound'})
     m['train']['model_dir'] = str(run_dir / 'model')
     if main: write_record(run_dir, **m)
     return m
