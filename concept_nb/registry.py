@@ -17,7 +17,7 @@ from .runs import _NOVAL, _ast_params, _literal, _read_json
 
 # %% auto #0
 __all__ = ['TASK_NAMES', 'METRIC_NAMES', 'KEY_METRIC', 'PARAM_COLUMNS', 'REGISTRY_COLUMNS', 'flatten', 'canon_task',
-           'canon_metric', 'glue_scores', 'glue_protocol', 'glue_control', 'read_run', 'load_registry']
+           'canon_metric', 'glue_scores', 'glue_protocol', 'glue_control', 'read_run', 'load_registry', 'seed_group']
 
 # %% ../nbs/21_registry.ipynb #65953f78
 def flatten(d, prefix:str='') -> dict:
@@ -305,3 +305,11 @@ def load_registry(runs_dir='runs' # folder of run records
         df[c] = [x if isinstance(x, dict) else {} for x in df[c]]
     _link_sources(df)
     return df.reset_index(drop=True)
+
+# %% ../nbs/21_registry.ipynb #331854d5
+def seed_group(run:Mapping # a registry row (`read_run` / `load_registry`)
+              ) -> str:
+    "The configuration `run` is one seed of: '<sweep_id>/<config_hash>' for sweep runs, else the run's own id."
+    p = {**((run.get('params_json') or {}).get('params') or {}), **(run.get('parameters') or {})}
+    if p.get('sweep_id') and p.get('config_hash'): return f"{p['sweep_id']}/{p['config_hash']}"
+    return str(run.get('run_id') or run.get('run_name'))

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from .core import atomic_write_text
 from .glue import BASELINES, DEFAULT_BASELINES, BASELINE_SOURCES
 from .registry import (TASK_NAMES, METRIC_NAMES, KEY_METRIC, canon_task, canon_metric, glue_scores,
-                                 glue_protocol, glue_control, read_run, load_registry)
+                                 glue_protocol, glue_control, read_run, load_registry, seed_group)
 from .registry import _num, _sort_key, _link_sources, _train_str, _train_summary
 
 
@@ -91,6 +91,16 @@ def linked_glue(df:pd.DataFrame, # registry
         out.update(r.glue)
     return out
 
+def _by_config(rows:list) -> list:
+    "Seeds of one configuration (`seed_group`) together, each group where its first run is; otherwise in order."
+    first = {}
+    for i, r in enumerate(rows): first.setdefault(seed_group(r), i)
+    return sorted(rows, key=lambda r: first[seed_group(r)])
+
+def _config(r) -> str:
+    g = seed_group(r)
+    return '' if g == str(r.get('run_id')) else g
+
 def _link(path, rel_to) -> str:
     if not path: return ''
     p = Path(path)
@@ -109,14 +119,16 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
              "Task loss is the final held-out loss of the pretraining objective; effective rank is the global effective "
              "rank of the concept vectors / C; input dependence is the share of the concept variance that changes "
              "with the input (0: the same concepts for every input; blank in records from before it was logged); "
-             "GLUE scores (x100, final epoch) come from the completed GLUE runs linked to each pretraining run.", '']
-    pre = [r for r in rows if r.kind == 'pretrain']
+             "GLUE scores (x100, final epoch) come from the completed GLUE runs linked to each pretraining run. "
+             "Sweep runs show their sweep id / configuration hash; the seeds of a configuration are listed together.",
+             '']
+    pre = _by_config([r for r in rows if r.kind == 'pretrain'])
     lines += ['## Pretraining runs', '']
     if pre:
         lines.append(md_table(
-            ['date', 'run id', 'status', 'architecture', 'data', 'machine', 'steps', 'concept losses (weighting)',
-             'task loss', 'eff. rank', 'input dependence', 'GLUE', 'speed', 'record'],
-            [[_v(r, 'date'), r.run_name, _status(r), _arch(r), _v(r, 'data'), _v(r, 'machine'),
+            ['date', 'run id', 'sweep/config', 'status', 'architecture', 'data', 'machine', 'steps',
+             'concept losses (weighting)', 'task loss', 'eff. rank', 'input dependence', 'GLUE', 'speed', 'record'],
+            [[_v(r, 'date'), r.run_name, _config(r), _status(r), _arch(r), _v(r, 'data'), _v(r, 'machine'),
               _fmt(_v(r, 'steps'), 0), _losses(r), _fmt(_v(r, 'task_loss'), 3), _rank(r),
               _fmt(_v(r, 'input_dependence'), 3),
               _score_str(linked_glue(df, r.run_id)), _speed(r), _link(_v(r, 'record'), rel_to)] for r in pre]))
