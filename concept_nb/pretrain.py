@@ -182,6 +182,8 @@ class PretrainParams:
     max_docs:int=param(200, ('>=', 0)) # training documents used (0: all)
     eval_max_docs:int=param(0, ('>=', 0)) # held-out documents used (0: all)
     progress:bool=param(False) # tqdm progress bar instead of log lines (keep False under papermill)
+    sweep_id:str=param('') # bookkeeping: id of the sweep that launched the run ('': not a sweep run; see `sweep`)
+    config_hash:str=param('') # bookkeeping: hash of the run's sweep configuration, seed excluded (seeds share it)
 
 # %% ../nbs/16_pretrain.ipynb #pp000002
 PRETRAIN_SPECS = param_specs(PretrainParams)

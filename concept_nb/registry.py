@@ -18,7 +18,7 @@ from .runs import _NOVAL, _ast_params, _literal, _read_json
 # %% auto #0
 __all__ = ['TASK_NAMES', 'METRIC_NAMES', 'KEY_METRIC', 'PARAM_COLUMNS', 'REGISTRY_COLUMNS', 'flatten', 'canon_task',
            'canon_metric', 'glue_scores', 'glue_protocol', 'glue_control', 'read_run', 'load_registry', 'config_key',
-           'run_params', 'group_seeds', 'seed_group']
+           'run_params', 'group_seeds', 'seed_group', 'config_of']
 
 # %% ../nbs/21_registry.ipynb #65953f78
 def flatten(d, prefix:str='') -> dict:
@@ -315,7 +315,8 @@ def load_registry(runs_dir='runs' # folder of run records
 
 # %% ../nbs/21_registry.ipynb #78cff38d
 _BOOKKEEPING = ('seed', 'seeds', 'run_name', 'run_dir', 'resume_from', 'preset', 'progress', 'wandb_mode',
-                    'log_every', 'save_every', 'keep_checkpoints', 'num_workers', 'cpu_threads', 'checkpoint')
+                    'log_every', 'save_every', 'keep_checkpoints', 'num_workers', 'cpu_threads', 'checkpoint',
+                'sweep_id', 'config_hash')
 
 def config_key(params:Mapping, # a run's (resolved) parameters
                ignore:tuple=_BOOKKEEPING, # names that do not change the configuration
@@ -351,3 +352,7 @@ def group_seeds(df:pd.DataFrame, # `load_registry` output
 def seed_group(df:pd.DataFrame, run_id:str) -> list[str]:
     "Run ids of the completed seeds of `run_id`'s configuration (itself included; [run_id] when it has none)."
     return next((ids for ids in group_seeds(df).values() if run_id in ids), [run_id])
+
+def config_of(run) -> str:
+    "The configuration `run` (a registry row) is one seed of: `config_key` of its parameters. Sweeps and reports use it."
+    return config_key(run_params(run))

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from .core import atomic_write_text
 from .glue_metrics import BASELINES, DEFAULT_BASELINES, BASELINE_SOURCES
 from .registry import (TASK_NAMES, METRIC_NAMES, KEY_METRIC, canon_task, canon_metric, glue_scores,
-                                 group_seeds, seed_group,
+                                 group_seeds, config_of, run_params,
                                  glue_protocol, glue_control, read_run, load_registry)
 from .registry import _num, _sort_key, _link_sources, _train_str, _train_summary, _scores_from
 
@@ -99,6 +99,16 @@ def linked_glue(df:pd.DataFrame, # registry
         out.update(r.glue)
     return out
 
+def _by_config(rows:list) -> list:
+    "Seeds of one configuration (`config_of`) together, each group where its first run is; otherwise in order."
+    first = {}
+    for i, r in enumerate(rows): first.setdefault(config_of(r), i)
+    return sorted(rows, key=lambda r: first[config_of(r)])
+
+def _config(r) -> str:
+    p = run_params(r)
+    return f"{p['sweep_id']}/{p['config_hash']}" if p.get('sweep_id') and p.get('config_hash') else ''
+
 def _link(path, rel_to) -> str:
     if not path: return ''
     p = Path(path)
@@ -120,15 +130,16 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
              "GLUE scores (x100, final epoch) come from the completed GLUE runs linked to each pretraining run. "
              "Below context-free floor: the context-free floor minus the held-out MLM loss at [MASK]-replaced "
              "positions, ± its standard error (positive: the model uses context; '—': not an MLM run or a record from "
-             "before it was logged).", '']
-    pre = [r for r in rows if r.kind == 'pretrain']
+             "before it was logged).",
+             "Sweep runs show their sweep id / configuration hash; the seeds of a configuration are listed together.", '']
+    pre = _by_config([r for r in rows if r.kind == 'pretrain'])
     lines += ['## Pretraining runs', '']
     if pre:
         lines.append(md_table(
-            ['date', 'run id', 'status', 'architecture', 'data', 'machine', 'steps', 'concept losses (weighting)',
-             'task loss', 'below context-free floor (nats)', 'eff. rank', 'input dependence', 'GLUE', 'speed',
-             'record'],
-            [[_v(r, 'date'), r.run_name, _status(r), _arch(r), _v(r, 'data'), _v(r, 'machine'),
+            ['date', 'run id', 'sweep/config', 'status', 'architecture', 'data', 'machine', 'steps',
+             'concept losses (weighting)', 'task loss', 'below context-free floor (nats)', 'eff. rank',
+             'input dependence', 'GLUE', 'speed', 'record'],
+            [[_v(r, 'date'), r.run_name, _config(r), _status(r), _arch(r), _v(r, 'data'), _v(r, 'machine'),
               _fmt(_v(r, 'steps'), 0), _losses(r), _fmt(_v(r, 'task_loss'), 3), _below(r), _rank(r),
               _fmt(_v(r, 'input_dependence'), 3), _glue_cell(df, r.run_id), _speed(r),
               _link(_v(r, 'record'), rel_to)] for r in pre]))

@@ -12,7 +12,7 @@ from concept_nb.docs import _output_nbs, execute_notebook, notebooks_with_output
 NBS = repo_root(__file__)/'nbs'
 # Module notebooks whose outputs are not committed yet (`make outputs` next): nbdev_test runs them. Every module
 # notebook commits its outputs now; a new module notebook joins here until its outputs are committed.
-PENDING = set()
+PENDING = {'23_sweep.ipynb'}   # its examples print temporary paths and durations (nbdev_test runs it)
 # Those with outputs (skipped by `nbdev_test`) and the other module notebooks (which may produce no output at all).
 NOTEBOOKS = sorted(set(notebooks_with_outputs(NBS)) | {p for p in _output_nbs(NBS) if p.name not in PENDING})
 
