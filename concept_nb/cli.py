@@ -18,6 +18,7 @@ from .analysis import health_check
 from .heads import load_model
 from .data import load_tokenizer
 from .docs import build_docs
+from .embeddings import export_sentence_transformer
 
 # %% auto #0
 __all__ = ['MAIN_GLUE_TASKS', 'GLUE_DIRS', 'COMMANDS', 'available_glue_tasks', 'parser', 'main']
@@ -195,6 +196,13 @@ def _cmd_bench(a, argv):
     if not script.exists(): raise FileNotFoundError(f"{script} is missing: the benchmarks live in a clone of the repository")
     return subprocess.call([sys.executable, str(script), *a.rest], cwd=root)
 
+def _cmd_export_st(a, argv):
+    try: out = export_sentence_transformer(a.checkpoint, a.out, a.tokenizer, a.max_seq_length)
+    except FileExistsError as e: print(f"concept-nb export-st: error: {e}", file=sys.stderr); return 1
+    print(f"sentence-transformers model: {out}\n  load it with: import concept_nb; from sentence_transformers import "
+          f"SentenceTransformer; SentenceTransformer({str(out)!r})")
+    return 0
+
 # %% ../nbs/26_cli.ipynb #ff90a929
 def _pretrain_parsers(sub):
     p = sub.add_parser('pretrain', help='run nbs/90_pretrain.ipynb into runs/ (directly under torchrun)'); _run_args(p)
@@ -226,6 +234,11 @@ def _tool_parsers(sub):
     p.add_argument('--notebooks', nargs='*', default=None, help='only these notebooks')
     p.add_argument('--workers', type=int, default=2, help='processes running nbdev on the notebooks (default: 2)')
     p.add_argument('--force', action='store_true', help='process every notebook again, ignoring the _proc/ cache')
+    p = sub.add_parser('export-st', help='save a concept checkpoint as a sentence-transformers model folder')
+    p.add_argument('checkpoint', help='runs/<run>, a model folder or a checkpoints/step-N folder of a concept encoder')
+    p.add_argument('out', help='folder to write (new or empty) for SentenceTransformer(out)')
+    p.add_argument('--max-seq-length', type=int, default=128, help="truncation length (default 128, GLUE's max_length)")
+    p.add_argument('--tokenizer', default=None, help="tokenizer name or folder (default: the checkpoint's)")
     p = sub.add_parser('bench', help='run benchmarks/bench.py {encoder,step,packing,gpu,all} [options]')
     p.add_argument('rest', nargs=argparse.REMAINDER, help='arguments of benchmarks/bench.py')
 
@@ -238,7 +251,8 @@ def parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/26_cli.ipynb #36bcd4f4
 COMMANDS = {'pretrain': _cmd_pretrain, 'glue': _cmd_glue, 'main': _cmd_main, 'experiment-log': _cmd_log,
-            'compare': _cmd_compare, 'health': _cmd_health, 'docs': _cmd_docs, 'bench': _cmd_bench}
+            'compare': _cmd_compare, 'health': _cmd_health, 'docs': _cmd_docs, 'export-st': _cmd_export_st,
+            'bench': _cmd_bench}
 
 def _quiet_banners(record) -> bool:
     "Logging filter: drop papermill's 'Executing Cell N---' / 'Ending Cell N---' banners, keep the cell output."
@@ -246,7 +260,7 @@ def _quiet_banners(record) -> bool:
 
 def main(argv:Sequence[str]|None=None # command-line arguments (default: sys.argv[1:])
         ) -> int:
-    "The `concept-nb` command line: pretrain, glue, main, health, experiment-log, compare, docs, bench."
+    "The `concept-nb` command line: pretrain, glue, main, health, experiment-log, compare, docs, export-st, bench."
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
     if a.cmd in ('pretrain', 'glue', 'main') and not logging.getLogger().handlers:
