@@ -14,7 +14,7 @@ from .registry import read_run
 from .report import compare, headline, plot_compare, write_experiment_log
 from .report import _v
 from .train import run_pretraining
-from .analysis import health_check
+from .health import health_check
 from .heads import load_model
 from .data import load_tokenizer
 from .docs import build_docs
@@ -222,7 +222,7 @@ def _report_parsers(sub):
     p = sub.add_parser('compare', help='results vs baselines and pretraining summary for runs')
     p.add_argument('runs', nargs='+', help='run ids, names or record paths'); p.add_argument('--runs-dir', default='runs')
     p.add_argument('--out', default=None, help='markdown file (a .png figure is written beside it); default: print')
-    p = sub.add_parser('health', help='health-check a checkpoint (concept_nb.analysis)')
+    p = sub.add_parser('health', help='health-check a checkpoint (concept_nb.health)')
     p.add_argument('checkpoint', help='model folder or runs/<run>')
     p.add_argument('--tokenizer', default=None, help="tokenizer name or folder (default: the checkpoint's, else 'embedded')")
     p.add_argument('--texts', default=None, help='text file with one sentence per line (default: embedded corpus)')
