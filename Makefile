@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # Real GLUE files for tests and the GLUE step of `make run`; override with your own GLUE-format folder.
 export CONCEPT_NB_GLUE_DIR ?= $(abspath ../shared/data/glue)
 
-.PHONY: install test test-nbs test-py sync-check lint run docs outputs bench clean-nbs export readme browser \
+.PHONY: install test test-nbs test-py sync-check lint run docs outputs bench clean-nbs export readme browser widgets-js \
   experiment-log
 
 $(STAMP): constraints.txt settings.ini setup.py pyproject.toml
@@ -45,7 +45,16 @@ browser:
 	  (apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
 	  || echo "chromium not installed: the docs browser test will be skipped"; }
 
-test-py: install browser
+# @jupyter-widgets/html-manager (npm) renders saved widget state offline for the live-explorer browser test (skipped
+# with a reason when it cannot be fetched).
+HTML_MANAGER := .cache/html-manager/package/dist/embed.js
+widgets-js:
+	@test -f $(HTML_MANAGER) || { command -v npm >/dev/null 2>&1 && mkdir -p .cache/html-manager && \
+	  (cd .cache/html-manager && npm pack -q @jupyter-widgets/html-manager@1.0.15 >/dev/null 2>&1 && \
+	   tar xzf jupyter-widgets-html-manager-1.0.15.tgz) \
+	  || echo "@jupyter-widgets/html-manager not installed: the live-explorer browser test will be skipped"; }
+
+test-py: install browser widgets-js
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests -q -x --durations=10
 
 test: sync-check lint test-nbs test-py

@@ -22,6 +22,7 @@ from .docs import build_docs
 from .records import read_record
 from .baselines import BASELINE_REGISTRY
 from .sweep import run_sweep, sweep_report, sweep_frame, summarize_sweep, plot_sweep
+from .embeddings import export_sentence_transformer
 
 # %% auto #0
 __all__ = ['MAIN_GLUE_TASKS', 'GLUE_DIRS', 'COMMANDS', 'available_glue_tasks', 'main_summary', 'parser', 'main']
@@ -307,6 +308,13 @@ def _cmd_bench(a, argv):
     if not script.exists(): raise FileNotFoundError(f"{script} is missing: the benchmarks live in a clone of the repository")
     return subprocess.call([sys.executable, str(script), *a.rest], cwd=root)
 
+def _cmd_export_st(a, argv):
+    try: out = export_sentence_transformer(a.checkpoint, a.out, a.tokenizer, a.max_seq_length)
+    except FileExistsError as e: print(f"concept-nb export-st: error: {e}", file=sys.stderr); return 1
+    print(f"sentence-transformers model: {out}\n  load it with: import concept_nb; from sentence_transformers import "
+          f"SentenceTransformer; SentenceTransformer({str(out)!r})")
+    return 0
+
 # %% ../nbs/26_cli.ipynb #ff90a929
 def _pretrain_parsers(sub):
     p = sub.add_parser('pretrain', help='run nbs/90_pretrain.ipynb into runs/ (directly under torchrun)'); _run_args(p)
@@ -353,6 +361,11 @@ def _tool_parsers(sub):
     p.add_argument('--notebooks', nargs='*', default=None, help='only these notebooks')
     p.add_argument('--workers', type=int, default=2, help='processes running nbdev on the notebooks (default: 2)')
     p.add_argument('--force', action='store_true', help='process every notebook again, ignoring the _proc/ cache')
+    p = sub.add_parser('export-st', help='save a concept checkpoint as a sentence-transformers model folder')
+    p.add_argument('checkpoint', help='runs/<run>, a model folder or a checkpoints/step-N folder of a concept encoder')
+    p.add_argument('out', help='folder to write (new or empty) for SentenceTransformer(out)')
+    p.add_argument('--max-seq-length', type=int, default=128, help="truncation length (default 128, GLUE's max_length)")
+    p.add_argument('--tokenizer', default=None, help="tokenizer name or folder (default: the checkpoint's)")
     p = sub.add_parser('bench', help='run benchmarks/bench.py {encoder,step,packing,gpu,all} [options]')
     p.add_argument('rest', nargs=argparse.REMAINDER, help='arguments of benchmarks/bench.py')
 
@@ -365,7 +378,7 @@ def parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/26_cli.ipynb #36bcd4f4
 COMMANDS = {'pretrain': _cmd_pretrain, 'glue': _cmd_glue, 'main': _cmd_main, 'experiment-log': _cmd_log,
-            'sweep': _cmd_sweep, 'sweep-report': _cmd_sweep_report,
+            'sweep': _cmd_sweep, 'sweep-report': _cmd_sweep_report, 'export-st': _cmd_export_st,
             'compare': _cmd_compare, 'health': _cmd_health, 'docs': _cmd_docs, 'bench': _cmd_bench}
 
 def _quiet_banners(record) -> bool:

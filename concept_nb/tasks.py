@@ -36,6 +36,7 @@ class TaskSpec:
     split_column:str|None=None # for one-file layouts (SICK): the column that names the split
     split_values:dict|None=None # split → value of `split_column`
     label_aliases:tuple=() # other accepted names of the local label column
+    layout_files:dict|None=None # another public layout: split → its own file (SICK's SemEval-2014 release)
 
     @property
     def is_regression(self) -> bool: return self.num_labels == 1
@@ -58,7 +59,9 @@ def _sick(name:str, label_column:str, num_labels:int, metrics:tuple, hub_label:s
     return TaskSpec(name, 'RobZamp/sick', None, 'SICK', ('sentence_A', 'sentence_B'), label_column, num_labels, metrics,
                     metrics[0], dict.fromkeys(('train', 'validation', 'test'), 'SICK.txt'), label_names,
                     hub_label_column=hub_label, hub_revision='refs/convert/parquet', split_column='SemEval_set',
-                    split_values={'train': 'TRAIN', 'validation': 'TRIAL', 'test': 'TEST'}, label_aliases=aliases)
+                    split_values={'train': 'TRAIN', 'validation': 'TRIAL', 'test': 'TEST'}, label_aliases=aliases,
+                    layout_files={'train': 'SICK_train.txt', 'validation': 'SICK_trial.txt',
+                                  'test': 'SICK_test_annotated.txt'})
 
 TASKS = {t.name: t for t in [
     TaskSpec('cola', _GLUE, 'cola', 'CoLA', ('sentence',), 'label', 2, ('mcc', 'accuracy'), 'mcc', _TRAIN_DEV_TEST,
@@ -153,7 +156,8 @@ def _read_task_file(spec:TaskSpec, path:Path, split:str) -> dict:
         first = next(rows, None)
         if first is not None and first[:1] == ['index']: header, first = first, None
         else: header = list(spec.columns)
-    missing = [c for c in (*spec.text_columns, *([spec.split_column] if spec.split_column else [])) if c not in header]
+    by_column = spec.split_column is not None and path.name == spec.split_files[split]   # one file for all splits
+    missing = [c for c in (*spec.text_columns, *([spec.split_column] if by_column else [])) if c not in header]
     if missing:
         raise TaskDataError(f"{path}, line 1: header {header} lacks column(s) {missing} of task {spec.name!r}; is this the "
                             f"right file? Expected the original {spec.local_dir} layout.")
@@ -164,7 +168,7 @@ def _read_task_file(spec:TaskSpec, path:Path, split:str) -> dict:
                             f"original labelled {spec.local_dir} layout")
     ti = [header.index(c) for c in spec.text_columns]
     li = header.index(label_col) if labelled else None
-    si, sv = (header.index(spec.split_column), spec.split_values[split]) if spec.split_column else (None, None)
+    si, sv = (header.index(spec.split_column), spec.split_values[split]) if by_column else (None, None)
     out = {f'sentence{k+1}': [] for k in range(len(ti))}
     out['label'] = []
     def add(row, line):
@@ -201,6 +205,13 @@ def _hub_task(spec:TaskSpec, split:str, **kwargs) -> Dataset:
     data['idx'] = ds['idx'] if 'idx' in ds.column_names else list(range(len(ds)))
     return Dataset.from_dict(data, features=_task_features(spec))
 
+def _split_file(spec:TaskSpec, d:Path, split:str) -> Path:
+    "The file of `split` in folder `d`: the main layout's, else the other public layout's when only that one is there."
+    main = d/spec.split_files[split]
+    if main.is_file() or not spec.layout_files: return main
+    other = d/spec.layout_files[split]
+    return other if other.is_file() else main
+
 def load_task(task:str|TaskSpec, # task name (see `task_names()`)
               split:str='train', # 'train', 'validation' (GLUE dev; MNLI dev_matched / dev_mismatched) or 'test'
               source:str|Path|None=None, # local data folder, 'hub', or None for $CONCEPT_NB_GLUE_DIR
@@ -213,9 +224,10 @@ def load_task(task:str|TaskSpec, # task name (see `task_names()`)
     root = _task_root(source)
     if root == 'hub': return _hub_task(spec, split, **kwargs)
     d = _task_dir(root, spec)
-    path = d/spec.split_files[split]
+    path = _split_file(spec, d, split)
     if not path.is_file():
+        alt = f" (or {spec.layout_files[split]}, its other public layout)" if spec.layout_files else ''
         raise FileNotFoundError(f"task {spec.name!r}, split {split!r}: file {path} does not exist (the folder holds "
-                                f"{sorted(p.name for p in d.iterdir())}). Add the original {spec.split_files[split]} there, "
-                                "or use another split or source='hub'.")
+                                f"{sorted(p.name for p in d.iterdir())}). Add the original "
+                                f"{spec.split_files[split]}{alt} there, or use another split or source='hub'.")
     return Dataset.from_dict(_read_task_file(spec, path, split), features=_task_features(spec))

@@ -415,6 +415,46 @@ def test_sick_layout(tmp_path):
     _tsv(tmp_path/'S2'/'SICK'/'SICK.txt', rows)
     assert load_task('sick_entailment', 'train', tmp_path/'S2')['label'] == [1, 0]
 
+SEMEVAL_HDR = ['pair_ID', 'sentence_A', 'sentence_B', 'relatedness_score', 'entailment_judgment']
+SICK_SIZES = {'TRAIN': 4500, 'TRIAL': 500, 'TEST': 4927}           # the public release's split sizes
+
+def _sick_pairs():
+    "9,927 synthetic pairs, the three splits interleaved by pair_ID as in SICK.txt, scores and labels varying per row."
+    sets = [s for s, n in SICK_SIZES.items() for _ in range(n)]
+    sets = [sets[(i * 7919) % len(sets)] for i in range(len(sets))]    # 7919 is prime: a permutation that mixes splits
+    labels = ('NEUTRAL', 'ENTAILMENT', 'CONTRADICTION')
+    return [(i + 1, f'sentence A {i}', f'the B side of {i}', round(1 + (i * 37 % 401) / 100, 2), labels[i * 5 % 3],
+             sets[i]) for i in range(len(sets))]
+
+def _write_sick_layouts(root):
+    pairs = _sick_pairs()
+    _tsv(root/'one'/'SICK'/'SICK.txt', [SICK_HDR] + [[i, a, b, lab, r, 'x', 'y', a, b, 'FLICKR', 'FLICKR', s]
+                                                       for i, a, b, r, lab, s in pairs])
+    for s, f in (('TRAIN', 'SICK_train.txt'), ('TRIAL', 'SICK_trial.txt'), ('TEST', 'SICK_test_annotated.txt')):
+        _tsv(root/'semeval'/'SICK'/f, [SEMEVAL_HDR] + [[i, a, b, r, lab] for i, a, b, r, lab, s2 in pairs if s2 == s])
+
+def test_sick_semeval_layout_equals_one_file(tmp_path):
+    _write_sick_layouts(tmp_path)
+    for split, n in (('train', 4500), ('validation', 500), ('test', 4927)):
+        for task in ('sick_relatedness', 'sick_entailment'):
+            one, sem = load_task(task, split, tmp_path/'one'), load_task(task, split, tmp_path/'semeval')
+            assert len(one) == len(sem) == n, (task, split, len(one), len(sem))
+            assert one.features == sem.features and one.to_dict() == sem.to_dict(), (task, split)
+    sem = tmp_path/'semeval'
+    assert set(load_task('sick_entailment', 'validation', sem)['label']) == {0, 1, 2}
+    assert len(set(load_task('sick_relatedness', 'test', sem)['label'])) > 100      # scores vary: a column mix-up shows
+
+def test_sick_semeval_layout_errors(tmp_path):
+    _write_sick_layouts(tmp_path)
+    (tmp_path/'semeval'/'SICK'/'SICK_trial.txt').unlink()
+    assert len(load_task('sick_relatedness', 'train', tmp_path/'semeval')) == 4500
+    with pytest.raises(FileNotFoundError, match='SICK_trial.txt'):
+        load_task('sick_relatedness', 'validation', tmp_path/'semeval')
+    f = tmp_path/'semeval'/'SICK'/'SICK_train.txt'
+    f.write_text(f.read_text().replace('\t4.', '\tfour.', 1))
+    with pytest.raises(TaskDataError, match=r'SICK_train.txt, line \d+: label'):
+        load_task('sick_relatedness', 'train', tmp_path/'semeval')
+
 def test_cola_layouts_and_unlabelled_test(tmp_path):
     _tsv(tmp_path/'CoLA'/'train.tsv', [['gj04', 1, '', 'Our friends won\'t buy this analysis.'], ['gj04', 0, '*', 'They drank the pub.']])
     _tsv(tmp_path/'CoLA'/'test.tsv', [['index', 'sentence'], [0, 'Bill whistled past the house.']])
