@@ -286,6 +286,7 @@ def record_failure(run_dir, # the run folder
             fields.update(error=f'{type(e).__name__}: {e}', failed_at=_now(), checkpoint=str(ck) if ck else None,
                           step=getattr(e, 'step', prev.get('step')))
             write_record(run_dir, prev.get('kind', kind), status, **fields)
+        if isinstance(e, KeyboardInterrupt): e.run_dir = str(run_dir)   # the command line names the run to continue
         raise
 
 # %% ../nbs/15_records.ipynb #89881a36
@@ -359,5 +360,6 @@ def init_wandb(mode:str, # offline | online | disabled; WANDB_MODE=disabled in t
     kwargs.setdefault('group', run_group(name))
     return wandb.init(project=project, name=name, id=name.replace('/', '_')[:128], resume='allow',
                       tags=[str(t)[:64] for t in tags], job_type=job_type, dir=str(d), mode=mode,
-                      settings=wandb.Settings(quiet=True), config=json_ready({**(config or {}), **git_info(package_dir())}),
+                      settings=wandb.Settings(quiet=True, silent=True),
+                      config=json_ready({**(config or {}), **git_info(package_dir())}),
                       **kwargs)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Mapping
 import nbformat
 import pandas as pd
-from .records import (DATE_RE, RUN_KINDS, SCHEMA_VERSION, TOP_KEYS, read_record, record_columns, task_list,
+from .records import (DATE_RE, RUN_KINDS, RUN_STATUSES, SCHEMA_VERSION, TOP_KEYS, read_record, record_columns,
+                                task_list,
                                 source_run_of, upgrade_record)
 from .runs import TEMPLATES, metrics_from_notebook
 from .runs import _NOVAL, _ast_params, _literal, _read_json
@@ -161,7 +162,10 @@ def _run_status(nb, pm_meta, cell, mj, rj=None) -> tuple[str, str|None]:
                 for o in c.get('outputs', []):
                     if o.get('output_type') == 'error': err = f"{o.get('ename')}: {(str(o.get('evalue')).splitlines() or [''])[0]}"
         return 'failed', err
+    if ms == 'interrupted' or (mj or {}).get('status') == 'interrupted': return 'interrupted', err
     gone = ('incomplete', 'process gone: killed before it finished') if _process_gone(rj) else ('running', None)
+    if nb is None and (mj or {}).get('schema') == SCHEMA_VERSION and mj.get('status') in RUN_STATUSES:
+        return mj['status'], None          # a direct run (torchrun, --direct): `write_record`'s record is the record
     if nb is None:
         return gone if (mj or {}).get('status') == 'running' else ('incomplete', 'notebook missing or unreadable')
     if not pm_meta: return 'incomplete', 'not a papermill record'

@@ -11,6 +11,7 @@ ROOT = repo_root(Path(__file__))
 NBS = sorted((ROOT / 'nbs').glob('[0-9]*.ipynb'))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'disabled', 'MPLBACKEND': 'Agg',
        'TOKENIZERS_PARALLELISM': 'false', 'PYTHONPATH': str(ROOT)}
+WANDB_ON = {k: v for k, v in ENV.items() if k != 'WANDB_MODE'}   # the notebook's default: wandb offline
 
 
 def _parameterised():
@@ -26,3 +27,58 @@ def test_every_parameter_is_parsed_by_papermill(nb, capsys):
     assert CLI.main(['pretrain', '--template', str(nb), '--help-notebook']) == 0
     listed = {l.split()[0] for l in capsys.readouterr().out.splitlines() if l.startswith('  ')}
     assert declared <= listed
+
+
+NOISE = re.compile(r'Traceback|Input Notebook|Output Notebook|<Figure|<IPython|Kernel is running over TCP|IProgress|'
+                   r'wandb:|Executing Cell|run_name +|^\s+value\s')
+
+
+def _noise(text:str) -> list:
+    return [l for l in text.splitlines() if NOISE.search(l)]
+
+
+def _history(run_dir:Path) -> list:
+    keys = ('step', 'kind', 'loss', 'task_loss', 'eval_loss', 'lr', 'grad_norm', 'concept/effective_rank')
+    rows = [json.loads(l) for l in (run_dir / 'history.jsonl').read_text().splitlines() if l.strip()]
+    return [tuple(r.get(k) for k in keys) for r in rows]
+
+
+def test_console_run_is_short_and_quiet(tmp_path):
+    "`concept-nb pretrain` at the smoke defaults through papermill: the cells' progress lines and the record's headline,"
+    "no parameter table, figure reprs, papermill notices, kernel or progress-bar warnings."
+    r = subprocess.run([sys.executable, '-m', 'concept_nb.cli', 'pretrain', '--runs-dir', str(tmp_path / 'runs')],
+                       cwd=tmp_path, env=WANDB_ON, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert not _noise(out) and len(out.splitlines()) <= 20, out
+    assert out.count('step ') >= 4 and 'completed: steps 20' in out
+
+
+def test_ctrl_c_says_one_line_and_resume_continues_the_same_run(tmp_path, capfd):
+    "Ctrl-C (SIGINT to the process group, as a terminal sends it) after a checkpoint: one line, status 'interrupted';"
+    "`pretrain --resume` continues in the same folder to the same history as an uninterrupted run."
+    runs = tmp_path / 'runs'
+    p = subprocess.Popen([sys.executable, '-m', 'concept_nb.cli', 'pretrain', '--direct', '--runs-dir', str(runs),
+                          '-p', 'steps', '60'], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    t0 = time.time()
+    while p.poll() is None and not list(runs.glob('*/checkpoints/step-10/COMPLETE')) and time.time() - t0 < 300:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (out[-2000:], err[-3000:])
+    assert err.strip().count('\n') == 0 and 'Traceback' not in err + out, err[-3000:]
+    assert re.match(r"concept-nb pretrain: interrupted at step \d+ .*last complete checkpoint .*step-\d+; ", err), err
+    run_dir = next(d for d in runs.iterdir() if d.is_dir())                 # the command to paste: this python, this run
+    assert err.strip().endswith(f'continue with: {sys.executable} -m concept_nb.cli pretrain --resume runs/{run_dir.name}'), err
+    assert RG.load_registry(runs).status.tolist() == ['interrupted']
+    assert not _noise(out), out
+    capfd.readouterr()
+    assert CLI.main(['pretrain', '--resume', str(run_dir)]) == 0       # direct, as it was started
+    out = capfd.readouterr().out
+    assert 'resumed from' in out and 'step 60/60' in out and not _noise(out), out
+    reg = RG.load_registry(runs)
+    assert reg.status.tolist() == ['completed'] and reg.steps.tolist() == [60] and len(list(runs.iterdir())) == 1
+    from concept_nb.train import run_pretraining                        # the same parameters, never interrupted
+    run_pretraining({'run_dir': str(tmp_path / 'ref'), 'steps': 60}, log=lambda *a: None)
+    assert _history(run_dir) == _history(tmp_path / 'ref')
