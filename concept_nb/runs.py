@@ -11,13 +11,13 @@ import yaml, nbformat
 from .core import ParamError, check_params, atomic_write_json, reserve_run_dir, repo_root, parse_value
 from .records import safe_name, task_list, source_run_of, default_run_name, read_record
 from .checkpoints import latest_checkpoint
-from .train import resolve_params as _pretrain_params   # the template's own cross-checks
+from .pretrain import resolve_params as _pretrain_params   # the template's own cross-checks
 from .glue import check_glue_params
 
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'RULES', 'PRESET_TABLES', 'INLINE_BACKEND', 'project_root', 'template_path', 'list_presets',
-           'load_preset', 'declared_params', 'type_names', 'module_rules', 'cross_check', 'resolve_params', 'RunFailed',
+__all__ = ['TEMPLATES', 'RULES', 'PRESET_TABLES', 'INLINE_BACKEND', 'project_root', 'template_path', 'preset_names',
+           'read_preset', 'declared_params', 'type_names', 'module_rules', 'cross_check', 'launch_params', 'RunFailed',
            'RunInterrupted', 'run_notebook', 'interruption_line', 'metrics_from_notebook']
 
 # %% ../nbs/20_runs.ipynb #10376d0e
@@ -48,7 +48,7 @@ def _module_presets(kind) -> dict:
     try: return dict(getattr(importlib.import_module(mod), name))
     except (ImportError, AttributeError): return {}
 
-def list_presets(root=None, # repository root
+def preset_names(root=None, # repository root
                  kind:str|None=None # also list the presets the kind's module defines in code
                 ) -> list[str]:
     "Names of the presets in `configs/*.yaml` (and, for `kind`, in its module)."
@@ -56,7 +56,7 @@ def list_presets(root=None, # repository root
     names = {p.stem for p in [*d.glob('*.yaml'), *d.glob('*.yml')]} if d.exists() else set()
     return sorted(names | set(_module_presets(kind)))
 
-def load_preset(preset:str, # a name from `configs/`, a path to a YAML file, or a preset of the kind's module
+def read_preset(preset:str, # a name from `configs/`, a path to a YAML file, or a preset of the kind's module
                 root=None, # repository root
                 kind:str|None=None # run kind whose module presets are searched after configs/
                ) -> dict:
@@ -68,7 +68,7 @@ def load_preset(preset:str, # a name from `configs/`, a path to a YAML file, or 
         if p is None:
             mp = _module_presets(kind)
             if preset in mp: return dict(mp[preset])
-            avail = list_presets(root, kind)
+            avail = preset_names(root, kind)
             close = difflib.get_close_matches(str(preset), avail, n=1)
             raise ParamError(f"unknown preset {preset!r}" + (f" (did you mean {close[0]!r}?)" if close else '')
                              + f"; available: {', '.join(avail) or 'none'} (files configs/<name>.yaml)")
@@ -174,7 +174,7 @@ def cross_check(kind:str, # 'pretrain' or 'glue'
         raise ParamError(f"parameter 'checkpoint': {ck!r} does not exist; pass a run folder (runs/<run>), a saved model "
                          "folder or a hub id")
 
-def resolve_params(kind:str, # 'pretrain' or 'glue' (selects the rules)
+def launch_params(kind:str, # 'pretrain' or 'glue' (selects the rules)
                    params:Mapping|None=None, # explicit values (win over the preset)
                    preset:str|None=None, # name in configs/ or YAML path
                    template=None, # template notebook (default: the kind's notebook in nbs/)
@@ -187,7 +187,7 @@ def resolve_params(kind:str, # 'pretrain' or 'glue' (selects the rules)
     declared = declared_params(template)
     missing = [k for k in ('run_dir', 'run_name') if k not in declared]
     if missing: raise ValueError(f"{template}: the parameters cell must declare {' and '.join(missing)} (run contract)")
-    pre = {k: _abs_path(v, root) for k, v in (load_preset(preset, root, kind) if preset else {}).items()}
+    pre = {k: _abs_path(v, root) for k, v in (read_preset(preset, root, kind) if preset else {}).items()}
     explicit = {k: _abs_path(v, Path.cwd()) for k, v in (params or {}).items()}
     inject = {**pre, **explicit}
     # the preset is merged here, not passed on: a template applying it to values "left at their default" would
@@ -302,7 +302,7 @@ def run_notebook(kind:str, # 'pretrain' or 'glue'
     "Validate, then execute a run template with papermill into `runs_dir`; returns the record path."
     root = project_root(root)
     template = Path(template).resolve() if template else template_path(kind, root)
-    inject, full = resolve_params(kind, params, preset, template, rules, root)
+    inject, full = launch_params(kind, params, preset, template, rules, root)
     now = now or dt.datetime.now()
     run_dir, name = _run_folder(kind, inject, full, runs_dir, now, resume)
     record = run_dir.parent/f"{run_dir.name}.ipynb"

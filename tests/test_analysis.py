@@ -5,6 +5,7 @@ import numpy as np, pytest, torch
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from concept_nb.analysis import *
+from concept_nb.health import *
 from concept_nb.config import ConceptEncoderConfig
 from concept_nb.encoder import ConceptEncoder
 from concept_nb.heads import build_model

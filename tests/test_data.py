@@ -10,10 +10,10 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import concept_nb.data as D
-from concept_nb.data import (EMBEDDED_WHEELS, SPECIAL_TOKENS, TASKS, TaskDataError, build_embedded_corpus, cache_dir,
-                             check_tokenizer, embedded_texts, fetch_wheel, get_task, holdout_mask, load_task, load_text,
-                             load_tokenizer, pack_documents, packing_report, real_token_fraction, task_names,
-                             train_tokenizer)
+from concept_nb.data import (EMBEDDED_WHEELS, SPECIAL_TOKENS, build_embedded_corpus, cache_dir, check_tokenizer,
+                             embedded_texts, fetch_wheel, holdout_mask, load_text, load_tokenizer, pack_documents,
+                             packing_report, real_token_fraction, train_tokenizer)
+from concept_nb.tasks import TASKS, TaskDataError, get_task, load_task, task_names
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get('CONCEPT_NB_GLUE_DIR') or REPO.parent/'shared'/'data'/'glue')

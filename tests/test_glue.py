@@ -5,10 +5,12 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 import numpy as np, pytest, torch
 import concept_nb.glue as glue
 from concept_nb.glue import *
+from concept_nb.glue_metrics import *
 from concept_nb.checkpoints import Checkpoint, resolve_checkpoint
 from concept_nb.records import default_run_name
 from concept_nb.core import ParamError, check_params
-from concept_nb.data import load_task, load_tokenizer
+from concept_nb.data import load_tokenizer
+from concept_nb.tasks import load_task
 from concept_nb.heads import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -201,7 +201,7 @@ GOOD_PARAMS = [('pretrain', dict(lr=1)), ('pretrain', dict(num_attention_heads=0
 def test_valid_edge_values_are_accepted(kind, params, tmp_path):
     "The checks are not over-strict: valid edge values pass the notebook and the CLI checks."
     notebook_prologue(kind, params, run_dir=str(tmp_path / 'run'))
-    R.resolve_params(kind, params)
+    R.launch_params(kind, params)
     assert not (tmp_path / 'run').exists()
 
 
@@ -263,7 +263,7 @@ def test_train_cli_bad_parameter_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize('params', [dict(data='./no/such/corpus.txt'), dict(tokenizer='./no/such/tokenizer')])
 def test_missing_pretraining_paths_rejected_before_work(params, tmp_path):
-    with pytest.raises(ParamError): R.resolve_params('pretrain', params)
+    with pytest.raises(ParamError): R.launch_params('pretrain', params)
     with pytest.raises(ParamError): notebook_prologue('pretrain', params, run_dir=str(tmp_path / 'run'))
 
 
@@ -1044,7 +1044,7 @@ def test_yaml_presets_and_parameter_files_cannot_run_code(tmp_path):
     marker = tmp_path / 'CODE_RAN'
     evil = tmp_path / 'evil.yaml'
     evil.write_text(f"steps: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
-    for f in (lambda: PT.load_preset(str(evil)), lambda: R.load_preset(str(evil)),
+    for f in (lambda: PT.load_preset(str(evil)), lambda: R.read_preset(str(evil)),
               lambda: CLI.main(['pretrain', '--direct', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')]),
               lambda: CLI.main(['pretrain', '--preset', str(evil), '--runs-dir', str(tmp_path / 'runs')])):
         with pytest.raises(yaml.constructor.ConstructorError): f()
@@ -1105,7 +1105,7 @@ def _reserve_in_process(barrier, q, runs_dir):
 
 def test_same_name_same_second_never_shares_a_folder(tmp_path):
     now = R.dt.datetime(2026, 2, 8, 21, 16, 33)
-    full = R.resolve_params('pretrain', {})[1]
+    full = R.launch_params('pretrain', {})[1]
     a, b = R.default_run_name('pretrain', full, now), R.default_run_name('pretrain', full, now)
     assert a == b and a.endswith('_20260208_211633')             # the name alone does not make the run unique ...
     d1, n1 = R.reserve_run_dir(tmp_path, a, now.date().isoformat())

@@ -166,7 +166,7 @@ def test_compare_has_baselines_and_deltas(records):
 
 def test_compare_uses_package_baselines(records):
     base = RP.glue_baselines()
-    if not base: pytest.skip('concept_nb.glue has no baseline table yet')
+    if not base: pytest.skip('concept_nb.glue_metrics has no baseline table yet')
     assert any('bert' in n.lower() for n in base)
     md = RP.compare([records['glue'].stem], records['dir'])
     assert 'BERT' in md and 'Δ ' in md

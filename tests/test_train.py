@@ -208,16 +208,29 @@ def test_params_validation_and_presets():
     assert P['steps'] == 7 and P['hidden_size'] == load_preset('cpu-small')['hidden_size']
 
 
-def test_notebook_parameters_are_the_defaults():
-    "The literal papermill cell of 90_pretrain equals `PretrainParams`: names (in order), types and defaults."
-    import papermill as pm
-    from concept_nb.pretrain import PRETRAIN_SPECS
-    declared = pm.inspect_notebook(str(ROOT / 'nbs' / '90_pretrain.ipynb'))
-    assert list(declared) == list(PRETRAIN_SPECS) and set(PRETRAIN_SPECS) == set(PRETRAIN_DEFAULTS)
+@pytest.mark.parametrize('notebook, module, specs', [('90_pretrain', 'pretrain', 'PRETRAIN_SPECS'),
+                                                     ('91_glue', 'glue', 'GLUE_SPECS')])
+def test_notebook_parameters_are_the_defaults(notebook, module, specs):
+    "The literal papermill cell of each run notebook equals its params dataclass: names (in order), types, defaults, help."
+    import importlib, papermill as pm
+    specs = getattr(importlib.import_module(f'concept_nb.{module}'), specs)
+    declared = pm.inspect_notebook(str(ROOT / 'nbs' / f'{notebook}.ipynb'))
+    assert list(declared) == list(specs)
     for k, v in declared.items():
-        assert eval(v['default']) == PRETRAIN_SPECS[k]['default'], k
-        assert v['inferred_type_name'] == PRETRAIN_SPECS[k]['type'], k
-        assert v['help'] and PRETRAIN_SPECS[k]['help'], f'parameter {k} has no help text'
+        assert eval(v['default']) == specs[k]['default'], k
+        assert v['inferred_type_name'] == specs[k]['type'], k
+        assert v['help'] and v['help'] == specs[k]['help'], f'parameter {k}: help differs or is empty'
+
+
+def test_derived_parameter_tables():
+    "Defaults, types and rules of both run kinds derive from their dataclass (one declaration per parameter)."
+    from concept_nb import glue as G, pretrain as PT
+    for name in ('PRETRAIN', 'GLUE'):
+        specs = getattr(PT if name == 'PRETRAIN' else G, f'{name}_SPECS')
+        defaults, types, rules = (getattr(PT if name == 'PRETRAIN' else G, f'{name}_{t}') for t in ('DEFAULTS', 'TYPES', 'RULES'))
+        assert defaults == {k: d['default'] for k, d in specs.items()}, name
+        assert types == {k: d['type'] for k, d in specs.items()}, name
+        assert rules == {k: d['rule'] for k, d in specs.items() if d['rule'] is not None}, name
 
 
 def test_one_default_per_parameter():
