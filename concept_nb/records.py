@@ -48,6 +48,9 @@ RECORD_FIELDS = (
     Field('data', 'data', 'data', 'text source'),
     Field('data', 'tokenizer', 'tokenizer', 'tokenizer'),
     Field('data', 'tasks', 'tasks', 'GLUE tasks'),
+    Field('data', 'n_train', 'n_train', 'GLUE: train examples fitted per task (the train subset)'),
+    Field('data', 'n_dev', 'n_dev', 'GLUE: dev examples scored per task (fewer than the dev set: a subset score)'),
+    Field('data', 'skipped', 'skipped', 'GLUE: tasks skipped on purpose (no data); the run is still completed'),
     Field('train', 'steps', 'steps', 'optimiser steps done'),
     Field('train', 'epochs', 'epochs', 'passes over the data'),
     Field('train', 'concept_losses', 'concept_losses', 'concept regularisers'),
@@ -129,6 +132,7 @@ def _upgrade_v1(m:dict, kind:str) -> dict:
         secs['results'] = _glue_results(m.get('final'), m.get('zero_shot'))
         secs['glue'] = {k: v for k, v in m.items() if k not in TOP_KEYS}
         secs['data']['tasks'] = sorted({k.partition('/')[0] for k in (m.get('final') or {})})
+        secs['data'].update({k: m[k] for k in ('n_train', 'n_dev', 'skipped') if m.get(k) is not None})
         return dict(top, kind=kind, **secs)
     for k, v in upgrade_record_keys(m).items():
         if k not in TOP_KEYS: secs[_V1_SECTION.get(k, 'results')][k] = v

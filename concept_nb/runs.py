@@ -13,6 +13,7 @@ from .records import safe_name, task_list, source_run_of, default_run_name, read
 from .checkpoints import latest_checkpoint
 from .pretrain import resolve_params as _pretrain_params   # the template's own cross-checks
 from .glue import check_glue_params
+from .tasks import missing_task_data
 
 
 # %% auto #0
@@ -168,7 +169,9 @@ def cross_check(kind:str, # 'pretrain' or 'glue'
     if kind == 'pretrain':
         _pretrain_params({**full, 'preset': '', 'run_name': full.get('run_name') or 'check',
                           'run_dir': full.get('run_dir') or '-'}, log=lambda *a, **k: None)
-    elif kind == 'glue': check_glue_params(dict(full))
+    elif kind == 'glue':
+        check_glue_params(dict(full))
+        missing_task_data(task_list(full.get('tasks')), full.get('glue_dir') or None)   # no data: stop here
     ck = str(full.get('checkpoint') or '') if kind == 'glue' else ''
     if ck and (os.path.isabs(ck) or ck.startswith(('.', '~', 'runs/'))) and not Path(ck).expanduser().exists():
         raise ParamError(f"parameter 'checkpoint': {ck!r} does not exist; pass a run folder (runs/<run>), a saved model "

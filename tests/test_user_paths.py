@@ -82,3 +82,55 @@ def test_ctrl_c_says_one_line_and_resume_continues_the_same_run(tmp_path, capfd)
     from concept_nb.train import run_pretraining                        # the same parameters, never interrupted
     run_pretraining({'run_dir': str(tmp_path / 'ref'), 'steps': 60}, log=lambda *a: None)
     assert _history(run_dir) == _history(tmp_path / 'ref')
+
+
+def test_glue_without_data_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    "No CONCEPT_NB_GLUE_DIR, or a folder without the tasks: one line naming the folder and how to set it, exit 2."
+    monkeypatch.delenv('CONCEPT_NB_GLUE_DIR', raising=False)
+    runs = tmp_path / 'runs'
+    assert CLI.main(['glue', '--checkpoint', '', '--runs-dir', str(runs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and 'CONCEPT_NB_GLUE_DIR is not set' in err and 'export CONCEPT_NB_GLUE_DIR=' in err
+    for bad in (tmp_path / 'nope', tmp_path):                   # missing folder; folder without MRPC/, STS-B/, SST-2/
+        monkeypatch.setenv('CONCEPT_NB_GLUE_DIR', str(bad))
+        assert CLI.main(['glue', '--checkpoint', '', '--runs-dir', str(runs)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count('\n') == 0 and str(bad) in err and 'export CONCEPT_NB_GLUE_DIR=' in err, err
+    assert not runs.exists()                                     # nothing was started
+
+
+def _glue_record(runs:Path, name:str, pre:Path, n_train:int, n_dev:int, f1:float, skipped=()):
+    from concept_nb.glue_metrics import metrics_record
+    from concept_nb.records import upgrade_record, write_record
+    d = runs / f'2026-01-0{len(list(runs.iterdir()))}_{name}'
+    d.mkdir()
+    r = dict(task='mrpc', mode='finetune', status='completed', protocol='standard', n_train=n_train, n_train_all=3668,
+             n_select=0, n_dev=n_dev, seeds=[42], headline_metric='f1', final={'f1': f1, 'accuracy': 70.0},
+             majority={'f1': 81.2, 'accuracy': 68.4})
+    view = metrics_record([r, *[dict(task=t, mode='finetune', status='skipped', message='no data') for t in skipped]],
+                          checkpoint=str(pre / 'model'), source_run=pre.name.split('_', 1)[1])
+    write_record(d, **upgrade_record(view, kind='glue'))
+    (d / 'run.json').write_text(json.dumps(dict(kind='glue', run_name=name, parameters={'checkpoint': str(pre / 'model')})))
+    return d
+
+
+def test_subset_scores_never_replace_full_dev_scores(tmp_path):
+    "A smoke GLUE run (64 train / 64 dev) after the real one: experiment log and compare keep the full-dev score, every"
+    "score shows its train-subset size, and a run that skipped tasks for lack of data says so."
+    from concept_nb.records import write_record
+    from concept_nb.report import compare, experiment_log, headline
+    runs = tmp_path / 'runs'; runs.mkdir()
+    pre = runs / '2026-01-00_pre'
+    write_record(pre, 'pretrain', 'completed', run_name='pre', model=dict(model_type='perceiver_mlm'),
+                 train=dict(steps=20), results=dict(eval_loss=6.5))
+    _glue_record(runs, 'glue-full', pre, 3668, 408, 80.2)
+    _glue_record(runs, 'glue-smoke', pre, 64, 64, 0.0, skipped=('sst2',))
+    reg = RG.load_registry(runs)
+    assert reg.status.tolist() == ['completed'] * 3 and reg.n_dev.tolist()[1:] == [{'mrpc': 408}, {'mrpc': 64}]
+    log = experiment_log(reg)
+    pre_row = next(l for l in log.splitlines() if l.startswith('|') and '| pre |' in l)
+    assert 'MRPC F1 80.2 (train 3668, dev 408)' in pre_row and 'F1 0.0' not in pre_row
+    assert 'completed (skipped: sst2)' in log and 'MRPC F1 0 (train 64, dev 64)' in log
+    assert '80.2' in compare(['pre'], runs) and ' 0.0' not in compare(['pre'], runs).split('Pretraining')[0]
+    smoke = RG.read_run(runs / reg.run_id[2])
+    assert 'MRPC F1 0 (majority 81.2; train 64, dev 64)' in headline(smoke) and 'sst2' in headline(smoke)
