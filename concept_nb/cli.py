@@ -4,7 +4,7 @@
 
 # %% ../nbs/26_cli.ipynb #26967813
 from __future__ import annotations
-import os, sys, json, shlex, shutil, argparse, logging, subprocess
+import os, sys, json, shlex, argparse, logging, subprocess
 from pathlib import Path
 from typing import Sequence
 from .core import ParamError, atomic_write_text, repo_root
@@ -291,10 +291,10 @@ def _quiet_console():
     logging.getLogger('papermill').addFilter(_not_kernel_died)
 
 def _self_cmd() -> str:
-    "This command line as it was called, to paste: the console script's path, else `<python> -m concept_nb.cli`."
+    "This command line as it was called, to paste in a shell without the venv: the script's path or `<python> -m`."
     a0 = Path(sys.argv[0] if sys.argv else '')
     if a0.name != 'concept-nb': return f"{shlex.quote(_shown(sys.executable))} -m concept_nb.cli"
-    return 'concept-nb' if shutil.which('concept-nb') == str(a0.resolve()) or str(a0) == 'concept-nb' else _shown(a0)
+    return shlex.quote(_shown(a0))          # e.g. .venv/bin/concept-nb: `make run` puts .venv/bin on PATH, a shell not
 
 def _interrupted(cmd:str, run_dir) -> int:
     "The one line after Ctrl-C; then silence (the kernel's and asyncio's teardown complaints say nothing more)."
