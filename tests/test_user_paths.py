@@ -60,7 +60,8 @@ def test_ctrl_c_says_one_line_and_resume_continues_the_same_run(tmp_path, capfd)
     runs = tmp_path / 'runs'
     p = subprocess.Popen([sys.executable, '-m', 'concept_nb.cli', 'pretrain', '--direct', '--runs-dir', str(runs),
                           '-p', 'steps', '60'], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True,               # a shell's job: Ctrl-C is not ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while p.poll() is None and not list(runs.glob('*/checkpoints/step-10/COMPLETE')) and time.time() - t0 < 300:
         time.sleep(0.02)
