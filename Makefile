@@ -14,13 +14,16 @@ export CONCEPT_NB_GLUE_DIR ?= $(abspath ../shared/data/glue)
 .PHONY: install test test-nbs test-py sync-check lint run docs outputs bench clean-nbs export readme browser widgets-js \
   experiment-log
 
+# Install output (pip, setuptools) goes to .venv/install.log, printed only when the install fails.
 $(STAMP): constraints.txt settings.ini setup.py pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
-	touch $(STAMP)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned stack into $(VENV) (log: $(VENV)/install.log) ..."
+	@{ $(BIN)/pip install -q --upgrade pip && \
+	   $(BIN)/pip install -q -c constraints.txt torch==2.13.0 && \
+	   $(BIN)/pip install -q -c constraints.txt -e ".[dev]" && \
+	   $(BIN)/python -m ipykernel install --sys-prefix --name python3; } >$(VENV)/install.log 2>&1 || \
+	  { cat $(VENV)/install.log; echo "install failed: the log above is $(VENV)/install.log"; exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 

@@ -4,13 +4,14 @@
 
 # %% ../nbs/26_cli.ipynb #26967813
 from __future__ import annotations
-import os, re, sys, json, time, argparse, logging, subprocess
+import os, re, sys, json, time, shlex, argparse, logging, subprocess
 import concurrent.futures as cf
 from pathlib import Path
 from typing import Sequence
 from .core import ParamError, atomic_write_text, parse_value, repo_root
-from .runs import (RunFailed, declared_params, preset_names, project_root, launch_params,
-                             run_notebook, template_path, type_names)
+from .runs import (RunFailed, RunInterrupted, declared_params, interruption_line, preset_names,
+                             project_root, launch_params, run_notebook, template_path, type_names, _shown)
+from .checkpoints import latest_checkpoint
 from .records import task_list
 from .registry import KEY_METRIC, TASK_NAMES, read_run
 from .report import compare, headline, plot_compare, write_experiment_log
@@ -89,17 +90,28 @@ def _help_notebook(kind, a) -> int:
 # %% ../nbs/26_cli.ipynb #97c32b16
 def _launched_multiprocess() -> bool: return 'LOCAL_RANK' in os.environ
 
-def _pretrain_direct(a) -> int:
-    params = dict(a.params or [])
-    if a.preset: params['preset'] = a.preset
-    m = run_pretraining(params, runs_dir=a.runs_dir)
-    if int(os.environ.get('RANK', '0')) == 0: print(json.dumps(m, indent=1, default=str), flush=True)
+def _pretrain_direct(params:dict, runs_dir) -> int:
+    m = run_pretraining(params, runs_dir=runs_dir)
+    if int(os.environ.get('RANK', '0')) == 0: _print_record('pretraining', m['run_dir'])
     return 0
+
+def _check_new_run(params:dict, direct:bool):
+    "Refuse what a papermill run would drop: its folder is always new, so there is nothing for 'latest' to resume."
+    if direct: return
+    if 'run_dir' in params:
+        raise ParamError("-p run_dir is not used by papermill runs (each gets a new folder under --runs-dir); to "
+                         "continue a run in its folder use `concept-nb pretrain --resume runs/<run>`")
+    if params.get('resume_from') == 'latest':
+        raise ParamError("resume_from='latest' has nothing to resume in a new run folder; to continue an interrupted "
+                         "run use `concept-nb pretrain --resume runs/<run>`")
 
 def _cmd_pretrain(a, argv):
     if a.help_notebook: return _help_notebook('pretrain', a)
-    if a.direct or _launched_multiprocess(): return _pretrain_direct(a)
-    rec = run_notebook('pretrain', dict(a.params or []), a.runs_dir, a.preset, template=a.template, argv=argv)
+    if a.resume: return _resume(a, argv)
+    params, direct = dict(a.params or []), a.direct or _launched_multiprocess()
+    _check_new_run(params, direct)
+    if direct: return _pretrain_direct({**params, **({'preset': a.preset} if a.preset else {})}, a.runs_dir)
+    rec = run_notebook('pretrain', params, a.runs_dir, a.preset, template=a.template, argv=argv, stream=sys.stdout)
     _print_record('pretraining', rec); return 0
 
 def _cmd_glue(a, argv):
@@ -107,8 +119,32 @@ def _cmd_glue(a, argv):
     if a.checkpoint is None:
         raise ParamError("--checkpoint is required: runs/<run>, a saved model folder, a hub id, or '' for a tiny random model")
     params = _glue_params(a.params, a.checkpoint, task_list(a.tasks) if a.tasks else None, a.template)
-    rec = run_notebook('glue', params, a.runs_dir, a.preset, template=a.template, argv=argv)
+    rec = run_notebook('glue', params, a.runs_dir, a.preset, template=a.template, argv=argv, stream=sys.stdout)
     _print_record('GLUE', rec); return 0
+
+# %% ../nbs/26_cli.ipynb #ccc40581
+def _resume_params(run) -> tuple[Path, dict]:
+    "(run folder, parameters) that continue `run` (a run folder or its record) in place from its newest checkpoint."
+    d = Path(run).expanduser()
+    if d.suffix == '.ipynb': d = d.parent/d.stem
+    try: params = json.loads((d/'params.json').read_text())['params']
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ParamError(f"--resume {run}: {d} is not a run folder with a readable params.json") from None
+    if latest_checkpoint(d) is None:
+        raise ParamError(f"--resume {run}: {d} has no complete checkpoint (checkpoints/step-N/COMPLETE) to continue "
+                         "from; start the run again")
+    return d.resolve(), {**params, 'run_dir': str(d.resolve()), 'resume_from': 'latest', 'preset': ''}
+
+def _resume(a, argv) -> int:
+    "`pretrain --resume runs/<run>`: continue the run in its folder, papermill or direct as it was started."
+    dropped = [f"-p {n}" for n, _ in a.params or []] + (['--preset'] if a.preset else [])
+    if dropped:
+        raise ParamError(f"--resume continues {a.resume} with the parameters of its params.json: {', '.join(dropped)} "
+                         "would be dropped (a run with other parameters is a new run)")
+    d, params = _resume_params(a.resume)
+    if a.direct or _launched_multiprocess() or not (d/'run.json').is_file(): return _pretrain_direct(params, None)
+    rec = run_notebook('pretrain', params, d.parent, template=a.template, argv=argv, stream=sys.stdout, resume=d)
+    _print_record('pretraining', rec); return 0
 
 # %% ../nbs/26_cli.ipynb #f217f167
 def _glue_tasks(a) -> list[str]:
@@ -123,7 +159,7 @@ def _glue_tasks(a) -> list[str]:
     print(f"GLUE step skipped: {where}. To provide GLUE data, point CONCEPT_NB_GLUE_DIR at a GLUE-format "
           f"folder (<dir>/MRPC/, STS-B/, SST-2/ each with train.tsv and dev.tsv, as in the GLUE distribution), e.g. "
           f"`export CONCEPT_NB_GLUE_DIR=/path/to/glue`, or set CONCEPT_NB_GLUE_DIR=hub to download nyu-mll/glue "
-          f"from the Hugging Face hub (needs network); then run `concept-nb glue --checkpoint "
+          f"from the Hugging Face hub (needs network); then run `{_self_cmd()} glue --checkpoint "
           f"runs/<run> --tasks {','.join(want)}`.", flush=True)
     return []
 
@@ -171,6 +207,7 @@ def _run_jobs(first:dict, # name -> (kind, params, preset) to start with
 
 # %% ../nbs/26_cli.ipynb #fbbb056e
 def _cmd_main(a, argv):
+    _check_new_run(dict(a.params or []), False)
     pre_jobs = _pretrain_jobs(a)
     tasks = _glue_tasks(a)
     print(f"[1/3] pretraining {' and '.join(pre_jobs)} side by side (preset {a.preset}, one thread each)"
@@ -319,6 +356,8 @@ def _cmd_export_st(a, argv):
 def _pretrain_parsers(sub):
     p = sub.add_parser('pretrain', help='run nbs/90_pretrain.ipynb into runs/ (directly under torchrun)'); _run_args(p)
     p.add_argument('--direct', action='store_true', help='run the pretraining in this process, without papermill')
+    p.add_argument('--resume', default=None, metavar='RUN',
+                   help='continue runs/<run> in its folder from its newest complete checkpoint, with its parameters')
     p = sub.add_parser('glue', help='run nbs/91_glue.ipynb on a checkpoint into runs/'); _run_args(p)
     p.add_argument('--checkpoint', default=None,
                    help="runs/<run> (a pretraining record), a model folder, a hub id ('': tiny random model)")
@@ -381,20 +420,39 @@ COMMANDS = {'pretrain': _cmd_pretrain, 'glue': _cmd_glue, 'main': _cmd_main, 'ex
             'sweep': _cmd_sweep, 'sweep-report': _cmd_sweep_report, 'export-st': _cmd_export_st,
             'compare': _cmd_compare, 'health': _cmd_health, 'docs': _cmd_docs, 'bench': _cmd_bench}
 
-def _quiet_banners(record) -> bool:
-    "Logging filter: drop papermill's 'Executing Cell N---' / 'Ending Cell N---' banners, keep the cell output."
-    return not re.match(r'(Executing|Ending) Cell \d+-+$|Executing notebook with kernel', str(record.getMessage()))
+def _not_kernel_died(record) -> bool:
+    "Logging filter: a dead kernel fails the run, and the run's own one line says so (or that Ctrl-C stopped it)."
+    return 'Kernel died' not in str(record.getMessage())
+
+def _quiet_console():
+    "Console runs print the cells' own lines: papermill's notices (input/output notebook, cell banners) stay silent."
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format='%(name)s: %(message)s', stream=sys.stderr)
+    logging.getLogger('papermill').setLevel(logging.WARNING)   # its warnings (an unknown parameter) still show
+    logging.getLogger('papermill').addFilter(_not_kernel_died)
+
+def _self_cmd() -> str:
+    "This command line as it was called, to paste in a shell without the venv: the script's path or `<python> -m`."
+    a0 = Path(sys.argv[0] if sys.argv else '')
+    if a0.name != 'concept-nb': return f"{shlex.quote(_shown(sys.executable))} -m concept_nb.cli"
+    return shlex.quote(_shown(a0))          # e.g. .venv/bin/concept-nb: `make run` puts .venv/bin on PATH, a shell not
+
+def _interrupted(cmd:str, run_dir) -> int:
+    "The one line after Ctrl-C; then silence (the kernel's and asyncio's teardown complaints say nothing more)."
+    print(f"concept-nb {cmd}: {interruption_line(run_dir, _self_cmd())}", file=sys.stderr, flush=True)
+    logging.disable(logging.CRITICAL)
+    return 130
 
 def main(argv:Sequence[str]|None=None # command-line arguments (default: sys.argv[1:])
         ) -> int:
     "The `concept-nb` command line: pretrain, glue, main, sweep, sweep-report, health, experiment-log, compare, ..."
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
-    if a.cmd in ('pretrain', 'glue', 'main') and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout)
-        logging.getLogger('papermill').addFilter(_quiet_banners)
+    if a.cmd in ('pretrain', 'glue', 'main'): _quiet_console()
     try: return COMMANDS[a.cmd](a, argv)
     except ParamError as e: print(f"concept-nb {a.cmd}: bad parameter: {e}", file=sys.stderr); return 2
+    except RunInterrupted as e: return _interrupted(a.cmd, e.run_dir)
+    except KeyboardInterrupt as e: return _interrupted(a.cmd, getattr(e, 'run_dir', None))   # direct: `record_failure`
     except RunFailed as e: print(f"concept-nb {a.cmd}: {e}", file=sys.stderr); return 1
     except (FileNotFoundError, ValueError) as e:
         print(f"concept-nb {a.cmd}: error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr); return 1

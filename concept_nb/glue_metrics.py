@@ -271,8 +271,9 @@ def metrics_record(results:Sequence[dict], # completed, skipped and failed task 
     done = [r for r in results if r.get('mode') == 'finetune' and r.get('status') == 'completed']
     protos = sorted({_protocol(r) for r in done} - {None})
     info = {'protocol': ' + '.join(protos) or None, **info}           # the run's parameter wins when it is given
-    rec = dict(status=status, **info, protocol_note=PROTOCOL_NOTE, n_train={}, headline={}, final={}, final_sd={},
-               selected={}, best_epoch={}, zero_concepts_control={}, zero_shot={}, majority={}, tasks={})
+    rec = dict(status=status, **info, protocol_note=PROTOCOL_NOTE, n_train={}, n_dev={}, headline={}, final={},
+               final_sd={}, selected={}, best_epoch={}, zero_concepts_control={}, zero_shot={}, majority={}, tasks={},
+               skipped=list(dict.fromkeys(r['task'] for r in results if r.get('status') == 'skipped')))
     for r in results:
         key = r['task'] + (' zero-shot' if r.get('mode') == 'zero_shot' else '')
         rec['tasks'][key] = {k: r[k] for k in ('status', 'message', 'mode', 'protocol', 'n_train', 'n_train_all',
@@ -281,7 +282,7 @@ def metrics_record(results:Sequence[dict], # completed, skipped and failed task 
         if r.get('status') != 'completed': continue
         if r['mode'] == 'zero_shot':
             rec['zero_shot'].update({f"{r['task']}/{m}": round(v, 4) if v == v else v for m, v in r['final'].items()}); continue
-        rec['n_train'][r['task']] = r.get('n_train')
+        rec['n_train'][r['task']], rec['n_dev'][r['task']] = r.get('n_train'), r.get('n_dev')
         parts = {p: r.get(p) for p in ('final', 'final_sd', 'selected', 'best_epoch', 'majority')}
         parts['zero_concepts_control'] = (r.get('control') or {}).get('final')
         for part, d in parts.items():

@@ -52,6 +52,9 @@ RECORD_FIELDS = (
     Field('data', 'data', 'data', 'text source'),
     Field('data', 'tokenizer', 'tokenizer', 'tokenizer'),
     Field('data', 'tasks', 'tasks', 'GLUE tasks'),
+    Field('data', 'n_train', 'n_train', 'GLUE: train examples fitted per task (the train subset)'),
+    Field('data', 'n_dev', 'n_dev', 'GLUE: dev examples scored per task (fewer than the dev set: a subset score)'),
+    Field('data', 'skipped', 'skipped', 'GLUE: tasks skipped on purpose (no data); the run is still completed'),
     Field('train', 'steps', 'steps', 'optimiser steps done'),
     Field('train', 'epochs', 'epochs', 'passes over the data'),
     Field('train', 'concept_losses', 'concept_losses', 'concept regularisers'),
@@ -154,6 +157,7 @@ def _upgrade_v1(m:dict, kind:str) -> dict:
         secs['results'] = _glue_results(m.get('final'), m.get('zero_shot'))
         secs['glue'] = {k: v for k, v in m.items() if k not in TOP_KEYS}
         secs['data']['tasks'] = sorted({k.partition('/')[0] for k in (m.get('final') or {})})
+        secs['data'].update({k: m[k] for k in ('n_train', 'n_dev', 'skipped') if m.get(k) is not None})
         return dict(top, kind=kind, **secs)
     for k, v in upgrade_record_keys(m).items():
         if k not in TOP_KEYS: secs[_V1_SECTION.get(k, 'results')][k] = v
@@ -312,6 +316,7 @@ def record_failure(run_dir, # the run folder
             fields.update(error=f'{type(e).__name__}: {e}', failed_at=_now(), checkpoint=str(ck) if ck else None,
                           step=getattr(e, 'step', prev.get('step')))
             write_record(run_dir, prev.get('kind', kind), status, **fields)
+        if isinstance(e, KeyboardInterrupt): e.run_dir = str(run_dir)   # the command line names the run to continue
         raise
 
 # %% ../nbs/15_records.ipynb #89881a36
@@ -385,5 +390,6 @@ def init_wandb(mode:str, # offline | online | disabled; WANDB_MODE=disabled in t
     kwargs.setdefault('group', run_group(name))
     return wandb.init(project=project, name=name, id=name.replace('/', '_')[:128], resume='allow',
                       tags=[str(t)[:64] for t in tags], job_type=job_type, dir=str(d), mode=mode,
-                      settings=wandb.Settings(quiet=True), config=json_ready({**(config or {}), **git_info(package_dir())}),
+                      settings=wandb.Settings(quiet=True, silent=True),
+                      config=json_ready({**(config or {}), **git_info(package_dir())}),
                       **kwargs)

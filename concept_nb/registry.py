@@ -6,10 +6,11 @@
 from __future__ import annotations
 import hashlib, json, os, re, math, socket
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 import nbformat
 import pandas as pd
-from .records import (DATE_RE, RUN_KINDS, SCHEMA_VERSION, TOP_KEYS, read_record, record_columns, task_list,
+from .records import (DATE_RE, RUN_KINDS, RUN_STATUSES, SCHEMA_VERSION, TOP_KEYS, read_record, record_columns,
+                                task_list,
                                 source_run_of, upgrade_record)
 from .runs import TEMPLATES, metrics_from_notebook
 from .runs import _NOVAL, _ast_params, _literal, _read_json
@@ -17,8 +18,8 @@ from .runs import _NOVAL, _ast_params, _literal, _read_json
 
 # %% auto #0
 __all__ = ['TASK_NAMES', 'METRIC_NAMES', 'KEY_METRIC', 'PARAM_COLUMNS', 'REGISTRY_COLUMNS', 'flatten', 'canon_task',
-           'canon_metric', 'glue_scores', 'glue_protocol', 'glue_control', 'read_run', 'load_registry', 'config_key',
-           'run_params', 'group_seeds', 'seed_group', 'config_of']
+           'canon_metric', 'glue_scores', 'glue_protocol', 'glue_control', 'glue_sizes', 'glue_majority', 'latest_glue',
+           'read_run', 'load_registry', 'config_key', 'run_params', 'group_seeds', 'seed_group', 'config_of']
 
 # %% ../nbs/21_registry.ipynb #65953f78
 def flatten(d, prefix:str='') -> dict:
@@ -132,9 +133,44 @@ def _train_summary(info:Mapping) -> str:
     return '; '.join(f"{p}: {', '.join(v)}" for p, v in by.items())
 
 
+# %% ../nbs/21_registry.ipynb #3eb6aff5
+def glue_sizes(metrics:Mapping|None, # metrics of a GLUE run
+              ) -> dict:
+    "`{task: (n_train, n_dev)}`: train examples fitted and dev examples scored (zero-shot tasks as `<task>_zero_shot`)."
+    out = {}
+    for t, d in ((metrics or {}).get('tasks') or {}).items():
+        name, zs = str(t).removesuffix(' zero-shot'), str(t).endswith(' zero-shot')
+        task = canon_task(name + '_zero_shot' if zs else name)
+        if task is None or not isinstance(d, Mapping) or d.get('status', 'completed') != 'completed': continue
+        out[task] = (d.get('n_train'), d.get('n_dev'))
+    return out
+
+def glue_majority(metrics:Mapping|None, # metrics of a GLUE run
+                 ) -> dict:
+    "`{(task, metric): score}` of the constant majority-class prediction on the same dev rows; {} without one."
+    return _scores_from((metrics or {}).get('majority') or {})
+
+def _task_of(k) -> str: return k[0] if isinstance(k, tuple) else k
+
+def latest_glue(rows:Sequence, # registry rows of completed GLUE runs, oldest first
+                read=lambda x: x.glue, # what to merge from a row: `{(task, metric): v}` or `{task: v}`
+               ) -> dict:
+    "`read(row)` merged per task: the latest run wins, but one scored on fewer dev examples never replaces more."
+    out, n_dev = {}, {}
+    for x in rows:
+        got, sizes = read(x), glue_sizes(x.metrics)
+        for t in {t for t, _ in (x.glue or {})}:
+            n = (sizes.get(t) or (None, None))[1]
+            if n is not None and (n_dev.get(t) or 0) > n: continue     # a subset score keeps the full-dev one
+            out = {k: v for k, v in out.items() if _task_of(k) != t}
+            out.update({k: v for k, v in got.items() if _task_of(k) == t})
+            if n is not None: n_dev[t] = n
+    return out
+
 # %% ../nbs/21_registry.ipynb #5b71e44f
-def _kind_of(run_json, pm_meta, params) -> str:
+def _kind_of(run_json, pm_meta, params, record=None) -> str:
     if run_json and run_json.get('kind'): return run_json['kind']
+    if (record or {}).get('kind') in RUN_KINDS: return record['kind']      # a direct run: its `write_record` record
     src = Path(str(pm_meta.get('input_path') or '')).stem
     for k, t in TEMPLATES.items():
         if src == Path(t).stem: return k
@@ -162,7 +198,10 @@ def _run_status(nb, pm_meta, cell, mj, rj=None) -> tuple[str, str|None]:
                 for o in c.get('outputs', []):
                     if o.get('output_type') == 'error': err = f"{o.get('ename')}: {(str(o.get('evalue')).splitlines() or [''])[0]}"
         return 'failed', err
+    if ms == 'interrupted' or (mj or {}).get('status') == 'interrupted': return 'interrupted', err
     gone = ('incomplete', 'process gone: killed before it finished') if _process_gone(rj) else ('running', None)
+    if nb is None and (mj or {}).get('schema') == SCHEMA_VERSION and mj.get('status') in RUN_STATUSES:
+        return mj['status'], None          # a direct run (torchrun, --direct): `write_record`'s record is the record
     if nb is None:
         return gone if (mj or {}).get('status') == 'running' else ('incomplete', 'notebook missing or unreadable')
     if not pm_meta: return 'incomplete', 'not a papermill record'
@@ -236,7 +275,7 @@ def read_run(path # a record (.ipynb) or its run folder
     cell = metrics_from_notebook(nb) if nb is not None else None
     mj, pj, rj = (_read_json(run_dir/f) or {} for f in ('metrics.json', 'params.json', 'run.json'))
     cfg = _read_json(run_dir/'model'/'config.json') or _read_json(run_dir/'config.json') or {}
-    kind = _kind_of(rj, pm_meta, params)
+    kind = _kind_of(rj, pm_meta, params, mj)
     pv = _param_view(nb, cfg, pj, rj, params)
     rec = read_record(run_dir) or upgrade_record(cell or {}, pv, kind if kind in RUN_KINDS else None)
     metrics = _metrics_view({**mj, **(cell or {})}, kind, {**(pj.get('params') or {}), **params})
@@ -267,8 +306,9 @@ REGISTRY_COLUMNS = ['run_id', 'date', 'kind', 'status', 'run_name', 'model_type'
                     'max_similarity', 'input_dependence', *_MLM_COLUMNS, 'steps_per_s', 'tokens_per_s', 'duration_s',
                     'start_time',
                     'end_time',
-                    'checkpoint', 'source_run', 'source_run_id', 'control', 'tasks', 'glue', 'glue_best', 'error',
-                    'record', 'run_dir', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config']
+                    'checkpoint', 'source_run', 'source_run_id', 'control', 'tasks', 'n_train', 'n_dev', 'skipped',
+                    'glue', 'glue_best', 'error', 'record',
+                    'run_dir', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config']
 
 def _record_ids(runs_dir:Path) -> list[str]:
     ids = set()

@@ -13,8 +13,8 @@ from matplotlib.figure import Figure
 from .core import atomic_write_text
 from .glue_metrics import BASELINES, DEFAULT_BASELINES, BASELINE_SOURCES
 from .registry import (TASK_NAMES, METRIC_NAMES, KEY_METRIC, canon_task, canon_metric, glue_scores,
-                                 group_seeds, seed_group, config_of, run_params,
-                                 glue_protocol, glue_control, read_run, load_registry)
+                                 group_seeds, seed_group, config_of, run_params, glue_protocol, glue_control,
+                                 glue_sizes, glue_majority, latest_glue, read_run, load_registry)
 from .registry import _num, _sort_key, _link_sources, _train_str, _train_summary, _scores_from
 
 
@@ -66,7 +66,8 @@ def _rank(r) -> str:
     return f"{_fmt(e, 2)}/{_fmt(float(C), 0)}" if C else _fmt(e, 2)
 
 def _status(r) -> str:
-    e = _v(r, 'error')
+    e, skipped = _v(r, 'error'), _v(r, 'skipped')
+    if _v(r, 'status') == 'completed' and skipped: return f"completed (skipped: {', '.join(map(str, skipped))})"
     if _v(r, 'status') != 'failed' or not e: return str(_v(r, 'status'))
     e = str(e)
     return f"failed: {e[:90] + '…' if len(e) > 90 else e}"
@@ -75,10 +76,19 @@ def _speed(r) -> str:
     s, t = _v(r, 'steps_per_s'), _v(r, 'tokens_per_s')
     return ', '.join(x for x in (f"{_fmt(s, 2)} steps/s" if s else '', f"{_fmt(t, 0)} tok/s" if t else '') if x)
 
-def _score_str(scores:Mapping, key_only:bool=True) -> str:
+def _beside(t:str, m:str, sizes:Mapping|None, majority:Mapping|None) -> str:
+    "' (majority 81.2; train 64, dev 64)': what a score is worth beside it."
+    n_train, n_dev = (sizes or {}).get(t) or (None, None)
+    maj = (majority or {}).get((t, m))
+    parts = [f"majority {_fmt(maj, 1)}" if maj is not None else '',
+             ', '.join(f"{w} {n}" for w, n in (('train', n_train), ('dev', n_dev)) if n is not None)]
+    return f" ({'; '.join(p for p in parts if p)})" if any(parts) else ''
+
+def _score_str(scores:Mapping, key_only:bool=True, sizes:Mapping|None=None, majority:Mapping|None=None) -> str:
     items = sorted(scores.items(), key=lambda kv: (list(TASK_NAMES).index(kv[0][0]) if kv[0][0] in TASK_NAMES else 99, kv[0][1]))
     if key_only: items = [kv for kv in items if KEY_METRIC.get(kv[0][0]) == kv[0][1]] or items
-    return ', '.join(f"{TASK_NAMES.get(t, t)} {METRIC_NAMES.get(m, m)} {_fmt(v, 1)}" for (t, m), v in items)
+    return ', '.join(f"{TASK_NAMES.get(t, t)} {METRIC_NAMES.get(m, m)} {_fmt(v, 1)}{_beside(t, m, sizes, majority)}"
+                     for (t, m), v in items)
 
 def _control(r) -> str|None:
     "The control a GLUE row is ('random_init': the architecture fine-tuned untrained), or None."
@@ -88,16 +98,16 @@ def linked_glue(df:pd.DataFrame, # registry
                 run_id:str, # a pretraining run id
                 control:str|None=None, # None: the pretrained model's scores; 'random_init': its untrained control's
                ) -> dict:
-    "GLUE scores of the completed GLUE runs linked to `run_id`; for each task the latest run wins."
-    out = {}
-    if df.empty: return out
+    "GLUE scores of the completed GLUE runs on `run_id`: per task the latest, never a smaller dev set's (`latest_glue`)."
+    return latest_glue(_linked_rows(df, run_id, control))
+
+def _sizes(x) -> dict: return glue_sizes(x.metrics)   # {task: (n_train, n_dev)} of a registry row
+
+def _linked_rows(df:pd.DataFrame, run_id:str, control:str|None=None) -> list:
+    "The completed GLUE runs linked to pretraining run `run_id` (or to its `control`), oldest first."
+    if df.empty: return []
     g = df[(df.kind == 'glue') & (df.source_run_id == run_id) & (df.status == 'completed')]
-    for _, r in sorted(g.iterrows(), key=lambda x: _sort_key(x[1])):
-        if _control(r) != control: continue
-        tasks = {t for t, _ in r.glue}
-        out = {k: v for k, v in out.items() if k[0] not in tasks}
-        out.update(r.glue)
-    return out
+    return [r for _, r in sorted(g.iterrows(), key=lambda x: _sort_key(x[1])) if _control(r) == control]
 
 def _by_config(rows:list) -> list:
     "Seeds of one configuration (`config_of`) together, each group where its first run is; otherwise in order."
@@ -151,7 +161,7 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
             ['date', 'run id', 'status', 'source run', 'tasks', 'protocol: train examples fitted/all',
              'scores (final epoch)', 'best epoch', 'record'],
             [[_v(r, 'date'), r.run_name, _status(r), _source_cell(r), _v(r, 'tasks'),
-              _train_summary(glue_protocol(r.metrics)), _score_str(r.glue, key_only=False),
+              _train_summary(glue_protocol(r.metrics)), _score_str(r.glue, key_only=False, sizes=_sizes(r)),
               _score_str(r.glue_best, key_only=False), _link(_v(r, 'record'), rel_to)]
              for r in glue]))
     else: lines.append('No GLUE runs yet.')
@@ -183,7 +193,8 @@ def _below(r) -> str:
 
 def _glue_cell(df:pd.DataFrame, run_id:str) -> str:
     "A pretraining run's GLUE scores, then its random-init control's."
-    s, c = _score_str(linked_glue(df, run_id)), _score_str(linked_glue(df, run_id, 'random_init'))
+    s = _score_str(linked_glue(df, run_id), sizes=latest_glue(_linked_rows(df, run_id), _sizes))
+    c = _score_str(linked_glue(df, run_id, 'random_init'))
     return s + (f" (random-init control: {c})" if c else '')
 
 def _source_cell(r) -> str:
@@ -290,13 +301,8 @@ def _linked_glue_rows(df:pd.DataFrame, r) -> list:
     return [x for _, x in sorted(g.iterrows(), key=lambda x: _sort_key(x[1]))]
 
 def _by_task(rows:list, read) -> dict:
-    "`read(row)` merged over `rows` as `linked_glue` does: for each task the latest run wins."
-    out = {}
-    for x in rows:
-        tasks = set(x.glue and [t for t, _ in x.glue])
-        out = {k: v for k, v in out.items() if (k[0] if isinstance(k, tuple) else k) not in tasks}
-        out.update(read(x))
-    return out
+    "`read(row)` merged over `rows` as `linked_glue` does (`latest_glue`)."
+    return latest_glue(rows, read)
 
 def compare_tables(runs, # run ids, run names or record paths
                    runs_dir='runs', # registry folder
@@ -554,7 +560,9 @@ def headline(run:Mapping) -> str:
     "One line of headline metrics for a `read_run` dict."
     g = lambda k: _v(run, k)
     if g('kind') == 'glue':
-        parts = [_score_str(run.get('glue') or {}, key_only=False)]
+        m = run.get('metrics') or {}
+        parts = [_score_str(run.get('glue') or {}, key_only=False, sizes=glue_sizes(m), majority=glue_majority(m))]
+        if g('skipped'): parts.append(f"skipped (no data): {', '.join(map(str, g('skipped')))}")
     else:
         parts = [f"steps {_fmt(g('steps'), 0)}" if g('steps') is not None else '',
                  f"task loss {_fmt(g('task_loss'), 3)}" if g('task_loss') is not None else '',

@@ -8,16 +8,18 @@ import os, re, ast, sys, json, socket, difflib, logging, datetime as dt
 from pathlib import Path
 from typing import Sequence, Mapping
 import yaml, nbformat
-from .core import ParamError, check_params, atomic_write_json, reserve_run_dir, repo_root
-from .records import safe_name, default_run_name
+from .core import ParamError, check_params, atomic_write_json, reserve_run_dir, repo_root, parse_value
+from .records import safe_name, task_list, source_run_of, default_run_name, read_record
+from .checkpoints import latest_checkpoint
 from .pretrain import resolve_params as _pretrain_params   # the template's own cross-checks
 from .glue import check_glue_params
+from .tasks import missing_task_data
 
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'RULES', 'PRESET_TABLES', 'INLINE_BACKEND', 'project_root', 'template_path', 'preset_names',
            'read_preset', 'declared_params', 'type_names', 'module_rules', 'cross_check', 'launch_params', 'RunFailed',
-           'run_notebook', 'metrics_from_notebook']
+           'RunInterrupted', 'run_notebook', 'interruption_line', 'metrics_from_notebook']
 
 # %% ../nbs/20_runs.ipynb #10376d0e
 TEMPLATES = {'pretrain': '90_pretrain.ipynb', 'glue': '91_glue.ipynb'}
@@ -167,7 +169,9 @@ def cross_check(kind:str, # 'pretrain' or 'glue'
     if kind == 'pretrain':
         _pretrain_params({**full, 'preset': '', 'run_name': full.get('run_name') or 'check',
                           'run_dir': full.get('run_dir') or '-'}, log=lambda *a, **k: None)
-    elif kind == 'glue': check_glue_params(dict(full))
+    elif kind == 'glue':
+        check_glue_params(dict(full))
+        missing_task_data(task_list(full.get('tasks')), full.get('glue_dir') or None)   # no data: stop here
     ck = str(full.get('checkpoint') or '') if kind == 'glue' else ''
     if ck and (os.path.isabs(ck) or ck.startswith(('.', '~', 'runs/'))) and not Path(ck).expanduser().exists():
         raise ParamError(f"parameter 'checkpoint': {ck!r} does not exist; pass a run folder (runs/<run>), a saved model "
@@ -211,6 +215,10 @@ class RunFailed(RuntimeError):
     "A run notebook raised: its record and `metrics.json` (status 'failed') are written all the same."
     def __init__(self, msg:str, record=None): super().__init__(msg); self.record = record
 
+class RunInterrupted(RunFailed):
+    "Ctrl-C stopped a run notebook: its `metrics.json` says 'interrupted'; `run_dir` is the folder to continue."
+    def __init__(self, msg:str, record=None, run_dir=None): super().__init__(msg, record); self.run_dir = run_dir
+
 def _read_json(p) -> dict|None:
     try: d = json.loads(Path(p).read_text())
     except (OSError, ValueError): return None
@@ -223,12 +231,63 @@ def _error_line(e:BaseException) -> str:
     msg = (str(e).strip().splitlines() or [''])[0]
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
+def _was_interrupted(e:BaseException) -> bool:
+    "Ctrl-C reached this process (KeyboardInterrupt) or the kernel (its cell raised KeyboardInterrupt)."
+    return isinstance(e, KeyboardInterrupt) or getattr(e, 'ename', None) == 'KeyboardInterrupt'
+
 def _ensure_status(run_dir:Path, status:str, error:str|None=None, metrics:Mapping|None=None):
     m = _read_json(run_dir/'metrics.json') or {}
-    if status == 'failed' or m.get('status') in (None, 'running'):
+    if status in ('failed', 'interrupted') or m.get('status') in (None, 'running'):
         m = {**(metrics or {}), **m, 'status': status}
         if error: m['error'] = error
         atomic_write_json(run_dir/'metrics.json', m)
+
+# %% ../nbs/20_runs.ipynb #bd149c7f
+# kernel, progress-bar and wandb chatter that says nothing about the run
+_NOISE = re.compile(r'Kernel is running over TCP|IProgress not found|from \.autonotebook import|^\s*warnings\.warn\(|'
+                    r'^wandb: ')
+
+class _Quiet:
+    "A text stream passing on every line but the `_NOISE` ones (papermill's `stderr_file` of a console run)."
+    def __init__(self, out): self.out = out
+    def write(self, s:str):
+        keep = ''.join(l for l in str(s).splitlines(True) if not _NOISE.search(l))
+        if keep: self.out.write(keep)
+    def flush(self): self.out.flush()
+
+def _execute(template:Path, record:Path, inject:dict, run_dir:Path, what:str, log_output:bool, stream):
+    "papermill `template` -> `record`; the record's status says 'failed' or 'interrupted' when it did not finish."
+    import papermill as pm
+    mpl = os.environ.get('MPLBACKEND')
+    os.environ['MPLBACKEND'] = INLINE_BACKEND   # figures must land in the record, even when the caller exports Agg
+    out = dict(stdout_file=stream, stderr_file=_Quiet(sys.stderr)) if stream is not None else {}
+    try:
+        pm.execute_notebook(str(template), str(record), parameters=inject, kernel_name='python3',
+                            cwd=str(template.parent), log_output=log_output and stream is None, progress_bar=False,
+                            request_save_on_cell_execute=True,
+                            extra_arguments=['--IPKernelApp.log_level=CRITICAL'], **out)   # no kernel TCP warning
+    except BaseException as e:
+        if _was_interrupted(e):
+            _ensure_status(run_dir, 'interrupted', 'KeyboardInterrupt: interrupted by the user')
+            raise RunInterrupted(f"{what} interrupted; record: {record}", record, run_dir) from None
+        err = _error_line(e)
+        _ensure_status(run_dir, 'failed', err)
+        if isinstance(e, Exception): raise RunFailed(f"{what} failed: {err}; record: {record}", record) from e
+        raise
+    finally:
+        if mpl is None: os.environ.pop('MPLBACKEND', None)
+        else: os.environ['MPLBACKEND'] = mpl
+
+# %% ../nbs/20_runs.ipynb #320cafd7
+def _run_folder(kind, inject, full, runs_dir, now, resume) -> tuple[Path, str]:
+    "(run folder, run name): a fresh reserved folder, or the folder of the run being continued."
+    if resume is not None:
+        d = Path(resume).expanduser().resolve()
+        if not (d/'run.json').is_file(): raise ParamError(f"{d} is not a run folder of run_notebook (no run.json)")
+        return d, inject.get('run_name') or (_read_json(d/'run.json') or {}).get('run_name') or d.name
+    name = safe_name(inject.get('run_name') or default_run_name(kind, full, now))
+    run_dir, name = reserve_run_dir(runs_dir, name, now.date().isoformat())
+    return run_dir.resolve(), name
 
 def run_notebook(kind:str, # 'pretrain' or 'glue'
                  params:Mapping|None=None, # explicit notebook parameters (win over the preset)
@@ -239,43 +298,60 @@ def run_notebook(kind:str, # 'pretrain' or 'glue'
                  root=None, # repository root
                  log_output:bool=True, # stream cell output to the `papermill` logger
                  now:dt.datetime|None=None, # run timestamp (default: now)
-                 argv:Sequence[str]|None=None # command line to record in run.json
+                 argv:Sequence[str]|None=None, # command line to record in run.json
+                 stream=None, # a text stream (e.g. sys.stdout) for the cells' printed output only: no figure reprs
+                 resume=None, # a run folder to execute again in place (its record is replaced; `params` name it all)
                 ) -> Path:
     "Validate, then execute a run template with papermill into `runs_dir`; returns the record path."
-    import papermill as pm
     root = project_root(root)
     template = Path(template).resolve() if template else template_path(kind, root)
     inject, full = launch_params(kind, params, preset, template, rules, root)
     now = now or dt.datetime.now()
-    name = safe_name(inject.get('run_name') or default_run_name(kind, full, now))
-    run_dir, name = reserve_run_dir(runs_dir, name, now.date().isoformat())
-    run_dir = run_dir.resolve()
+    run_dir, name = _run_folder(kind, inject, full, runs_dir, now, resume)
     record = run_dir.parent/f"{run_dir.name}.ipynb"
     inject = {**inject, 'run_dir': str(run_dir), 'run_name': name}
     try: tpl = str(template.relative_to(root))
     except ValueError: tpl = str(template)
+    old, stamp = _read_json(run_dir/'run.json') or {}, now.isoformat(timespec='seconds')
     atomic_write_json(run_dir/'run.json', dict(kind=kind, run_name=name, template=tpl, preset=preset, parameters=inject,
-                                               resolved={**full, **inject},
-                                               argv=list(argv) if argv is not None else None, started=now.isoformat(timespec='seconds'),
+                                               resolved={**full, **inject}, argv=None if argv is None else list(argv),
+                                               started=old.get('started') or stamp,
+                                               resumed=[*old.get('resumed', []), stamp] if resume is not None else [],
                                                pid=os.getpid(), host=socket.gethostname()))
     atomic_write_json(run_dir/'metrics.json', dict(status='running', kind=kind, run_name=name))
-    mpl = os.environ.get('MPLBACKEND')
-    os.environ['MPLBACKEND'] = INLINE_BACKEND   # figures must land in the record, even when the caller exports Agg
-    try:
-        pm.execute_notebook(str(template), str(record), parameters=inject, kernel_name='python3', cwd=str(template.parent),
-                            log_output=log_output, progress_bar=False, request_save_on_cell_execute=True)
-    except BaseException as e:
-        err = _error_line(e)
-        _ensure_status(run_dir, 'failed', err)
-        if isinstance(e, Exception): raise RunFailed(f"{kind} run {name} failed: {err}; record: {record}", record) from e
-        raise
-    finally:
-        if mpl is None: os.environ.pop('MPLBACKEND', None)
-        else: os.environ['MPLBACKEND'] = mpl
+    _execute(template, record, inject, run_dir, f"{kind} run {name}", log_output, stream)
     try: cell = metrics_from_notebook(nbformat.read(str(record), as_version=4))
     except Exception: cell = None
     _ensure_status(run_dir, 'completed', metrics=cell)
     return record
+
+# %% ../nbs/20_runs.ipynb #5716afef
+def _last_step(run_dir:Path) -> int:
+    "The step of the run's record (written when it stopped), else the highest step in its history.jsonl, else 0."
+    step = (read_record(run_dir) or {}).get('step')
+    if step is not None: return int(step)
+    steps = [0]
+    f = run_dir/'history.jsonl'
+    for line in (f.read_text(errors='replace').splitlines() if f.exists() else []):
+        try: steps.append(int(json.loads(line).get('step') or 0))
+        except (ValueError, AttributeError, TypeError): pass      # the half-written last line of a killed process
+    return max(steps)
+
+def _shown(p) -> str:
+    "`p` relative to the working directory when it lies inside it (a command to paste), else absolute."
+    try: return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError: return str(p)
+
+def interruption_line(run_dir, # the folder of the interrupted run (None: it had none yet)
+                      cmd:str='concept-nb' # how the command line was called (e.g. .venv/bin/concept-nb)
+                     ) -> str:
+    "One line for a run stopped by Ctrl-C: the step it reached, its last complete checkpoint and how to continue it."
+    if not run_dir: return "interrupted before the run folder was written: nothing to continue"
+    d = Path(run_dir)
+    ck = latest_checkpoint(d)
+    head = f"interrupted at step {_last_step(d)} (run {_shown(d)}, record status 'interrupted')"
+    if ck is None: return f"{head}; no complete checkpoint yet, so start the run again"
+    return f"{head}; last complete checkpoint {_shown(ck)}; continue with: {cmd} pretrain --resume {_shown(d)}"
 
 # %% ../nbs/20_runs.ipynb #659819c8
 def metrics_from_notebook(nb) -> dict|None:

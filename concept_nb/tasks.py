@@ -7,11 +7,13 @@ from __future__ import annotations
 import csv, difflib, io, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 import datasets
 from datasets import Dataset
+from .core import ParamError
 
 # %% auto #0
-__all__ = ['TASKS', 'TaskSpec', 'task_names', 'get_task', 'TaskDataError', 'load_task']
+__all__ = ['TASKS', 'TaskSpec', 'task_names', 'get_task', 'TaskDataError', 'load_task', 'missing_task_data']
 
 # %% ../nbs/10_tasks.ipynb #24a9223c
 @dataclass(frozen=True)
@@ -231,3 +233,28 @@ def load_task(task:str|TaskSpec, # task name (see `task_names()`)
                                 f"{sorted(p.name for p in d.iterdir())}). Add the original "
                                 f"{spec.split_files[split]}{alt} there, or use another split or source='hub'.")
     return Dataset.from_dict(_read_task_file(spec, path, split), features=_task_features(spec))
+
+# %% ../nbs/10_tasks.ipynb #275b865e
+_SET_IT = ("set the environment variable CONCEPT_NB_GLUE_DIR (or the run parameter glue_dir) to a folder in the GLUE "
+           "layout (<dir>/MRPC/train.tsv, dev.tsv, ...), e.g. `export CONCEPT_NB_GLUE_DIR=/path/to/glue`, or to 'hub' "
+           "with network access")
+
+def missing_task_data(tasks:Sequence[str], # task names
+                      source=None, # GLUE-layout folder, 'hub', or None for $CONCEPT_NB_GLUE_DIR
+                     ) -> list[str]:
+    "The tasks without a data folder (a run skips them); `ParamError` naming the folder when no task has data."
+    specs = [get_task(t) for t in tasks]
+    where = 'glue_dir' if source not in (None, '') else 'CONCEPT_NB_GLUE_DIR'
+    source = source or os.environ.get('CONCEPT_NB_GLUE_DIR') or None
+    if source is None: raise ParamError(f"no task data: CONCEPT_NB_GLUE_DIR is not set; {_SET_IT}")
+    if str(source) == 'hub': return []                    # the hub is only asked when a task loads
+    root = Path(source).expanduser()
+    if not root.is_dir(): raise ParamError(f"no task data: {where} folder {root} does not exist; {_SET_IT}")
+    def has(spec):
+        try: return any(_task_dir(root, spec).iterdir())
+        except FileNotFoundError: return False
+    missing = [s.name for s in specs if not has(s)]
+    if specs and len(missing) == len(specs):
+        dirs = ', '.join(s.local_dir + '/' for s in specs)
+        raise ParamError(f"no task data: {where} folder {root} has none of {dirs}; {_SET_IT}")
+    return missing

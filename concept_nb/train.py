@@ -442,7 +442,8 @@ def _closing(loop:Loop):
     "Close the progress bar, the batch iterator and wandb (marked failed on an exception)."
     wb = loop.rec.wb
     try: yield
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt): e.step = loop.state.step   # `record_failure` records where Ctrl-C stopped it
         if wb is not None: wb.finish(exit_code=1)
         wb = None
         raise

@@ -275,6 +275,7 @@ def test_run_notebook_papermill(tmp_path):
     assert set(m['headline']) == {'mrpc/f1', 'stsb/pearson', 'sst2/accuracy'}
     assert {'mrpc/accuracy', 'mrpc/combined', 'stsb/spearman'} <= set(m['final']) and 'stsb/pearson' in m['zero_shot']
     assert m['tasks']['paws']['status'] == 'skipped' and 'CONCEPT_NB_GLUE_DIR' in m['tasks']['paws']['message']
+    assert rec['data']['skipped'] == ['paws'] and rec['data']['n_dev'] == {'mrpc': 64, 'stsb': 64, 'sst2': 64}   # issue 17
     assert all(m['tasks'][t]['status'] == 'completed' and m['tasks'][t]['n_train'] == 64 for t in ('mrpc', 'stsb', 'sst2'))
     assert m['protocol'] == 'standard' and m['n_train'] == {'mrpc': 64, 'stsb': 64, 'sst2': 64}   # issue 14, defect 8
     assert 'protocol,n_train,n_train_all' in (run_dir/'results.csv').read_text().splitlines()[0]

@@ -8,6 +8,7 @@ from concept_nb.heads import load_model
 from concept_nb.checkpoints import latest_checkpoint, list_checkpoints, resume_point
 from concept_nb.pretrain import PRETRAIN_DEFAULTS, build_pretraining, list_presets, load_preset, resolve_params
 from concept_nb.train import NonFiniteLossError, TrainConfig, run_pretraining, train
+from concept_nb.registry import load_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -163,21 +164,25 @@ def test_torchrun_concept_nb_pretrain_writes_run_record(tmp_path):
     "`torchrun --nproc_per_node 2 --no-python concept-nb pretrain ...`: both processes train, rank 0 writes the record."
     env = {**os.environ, 'PATH': f"{_console_script(tmp_path)}{os.pathsep}{os.environ['PATH']}", 'OMP_NUM_THREADS': '1',
            'WANDB_MODE': 'disabled', 'TOKENIZERS_PARALLELISM': 'false'}
-    run = tmp_path / 'cli'
-    args = ['--preset', 'smoke', '-p', 'run_dir', str(run), '-p', 'steps', '6', '-p', 'eval_every', '3', '-p', 'lr', '3e-3',
+    runs = tmp_path / 'runs'
+    args = ['--preset', 'smoke', '--runs-dir', str(runs), '-p', 'steps', '6', '-p', 'eval_every', '3', '-p', 'lr', '3e-3',
             '-p', 'wandb_mode', 'disabled', '-p', 'max_docs', '40', '-p', 'device', 'cpu']
     r = subprocess.run([str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2', '--no-python', 'concept-nb',
                         'pretrain', *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
+    run = next(runs.iterdir())
     m = json.loads((run / 'metrics.json').read_text())
     assert m['status'] == 'completed' and m['train']['steps'] == 6 and m['schema'] == 2
-    assert r.stdout.count('"status": "completed"') == 1                     # rank 0 prints the record, once
+    assert r.stdout.count('pretraining record:') == 1                       # rank 0 prints the record, once
+    reg = load_registry(runs)                                               # `write_record`'s record, read as completed
+    assert (reg.run_id.tolist(), reg.status.tolist(), reg.kind.tolist(), reg.steps.tolist()) == \
+        ([run.name], ['completed'], ['pretrain'], [6])
     p = json.loads((run / 'params.json').read_text())
     assert p['params']['preset'] == 'smoke' and p['params']['lr'] == 3e-3 and p['model_config']['concept_num'] == 8
     model = load_model(run / 'model')
     assert type(model).__name__ == 'ConceptEncoderForMaskedLM' and (run / 'model' / 'tokenizer.json').exists()
     assert (run / 'log.txt').read_text().count('step ') >= 2
-    assert not (tmp_path / 'runs').exists() and not list(tmp_path.glob('*.ipynb'))   # direct: no papermill record
+    assert not list(runs.glob('*.ipynb')) and not list(tmp_path.glob('*.ipynb'))   # direct: no papermill record
 
 
 def test_params_validation_and_presets():
