@@ -50,7 +50,8 @@ def test_console_run_is_short_and_quiet(tmp_path):
                        cwd=tmp_path, env=WANDB_ON, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
-    assert not _noise(out) and len(out.splitlines()) <= 20, out
+    # progress, the floor line, the six fill-mask probe lines and the headline: about 25 lines (it was 144)
+    assert not _noise(out) and len(out.splitlines()) <= 30, out
     assert out.count('step ') >= 4 and 'completed: steps 20' in out
 
 
