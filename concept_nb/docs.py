@@ -339,6 +339,7 @@ def update_outputs(notebooks=None, # notebooks (names relative to nbs/); default
 _VOLATILE = [(re.compile(r'0x[0-9a-fA-F]{6,}'), '0x…'),                                  # memory addresses
              (re.compile(r'\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?'), '<date>'),   # dates in run names
              (re.compile(r'\d{8}_\d{6}'), '<stamp>'),                                       # run-name timestamps
+             (re.compile(r'[\d,.]+\s*(?:tok|tokens|step|steps|samples)/s\b'), '<rate>'),     # throughputs
              (re.compile(r'\d+(\.\d+)?\s*(ms|µs|us|ns|s|sec|seconds|min|it/s|s/it)\b'), '<time>'),  # timings
              (re.compile(r'<Figure size [^>]*>'), '<Figure>'),
              (re.compile(r'\btmp[\w-]{6,}'), 'tmp…'),                                       # temporary folders
