@@ -147,14 +147,14 @@ def _proc_one(job) -> tuple[str, float, str]:
 def _stale(src:Path, dst:Path, deps) -> bool:
     return not dst.exists() or dst.stat().st_mtime < max(p.stat().st_mtime for p in (src, *deps))
 
-def _run_jobs(fn, jobs, n_workers:int, log) -> list[str]:
+def _run_jobs(fn, jobs, n_workers:int, log, fresh:bool=True) -> list[str]:
     "Run `fn` on each job in `n_workers` spawned processes (0: here), one progress line each; returns the errors."
     if not jobs: return []
     if n_workers and len(jobs) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(min(n_workers, len(jobs)), mp_context=mp.get_context('spawn'),
-                                 max_tasks_per_child=1) as ex:   # a fresh interpreter per notebook, as nbdev_test
+                                 max_tasks_per_child=1 if fresh else None) as ex:   # fresh: 1 process/notebook
             return _report((f.result() for f in as_completed([ex.submit(fn, j) for j in jobs])), len(jobs), log)
     return _report(map(fn, jobs), len(jobs), log)
 
@@ -267,7 +267,7 @@ def build_docs(out=None, # site folder (replaced); default `_docs/` in the repos
     deps = [root/'settings.ini', root/'concept_nb'/'docs.py']   # show_doc's renderer lives here
     jobs = [(nbs/p['src'], cache/p['src']) for p in pages if force or _stale(nbs/p['src'], cache/p['src'], deps)]
     log(f"docs: nbdev processes {len(jobs)} of {len(pages)} notebooks (the rest are cached in _proc/)")
-    errs = _run_jobs(_proc_one, jobs, n_workers, log)
+    errs = _run_jobs(_proc_one, jobs, n_workers, log, fresh=False)   # nothing executes: workers are reused
     host = _setting(root, 'doc_host').rstrip('/') + '/' + _setting(root, 'doc_baseurl').strip('/') + '/'
     import tempfile
     with tempfile.TemporaryDirectory(prefix='docs-md-') as md:   # per build: concurrent builds do not collide
@@ -339,6 +339,7 @@ def update_outputs(notebooks=None, # notebooks (names relative to nbs/); default
 _VOLATILE = [(re.compile(r'0x[0-9a-fA-F]{6,}'), '0x…'),                                  # memory addresses
              (re.compile(r'\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?'), '<date>'),   # dates in run names
              (re.compile(r'\d{8}_\d{6}'), '<stamp>'),                                       # run-name timestamps
+             (re.compile(r'[\d,.]+\s*(?:tok|tokens|step|steps|samples)/s\b'), '<rate>'),     # throughputs
              (re.compile(r'\d+(\.\d+)?\s*(ms|µs|us|ns|s|sec|seconds|min|it/s|s/it)\b'), '<time>'),  # timings
              (re.compile(r'<Figure size [^>]*>'), '<Figure>'),
              (re.compile(r'\btmp[\w-]{6,}'), 'tmp…'),                                       # temporary folders

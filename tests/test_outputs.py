@@ -10,9 +10,11 @@ from concept_nb.core import repo_root
 from concept_nb.docs import _output_nbs, execute_notebook, notebooks_with_outputs, output_digest
 
 NBS = repo_root(__file__)/'nbs'
-# Module notebooks whose outputs are not committed yet (`make outputs` next): nbdev_test runs them. Every module
-# notebook commits its outputs now; a new module notebook joins here until its outputs are committed.
-PENDING = {'23_sweep.ipynb'}   # its examples print temporary paths and durations (nbdev_test runs it)
+# Module notebooks whose outputs are not committed (nbdev_test runs them); a new module notebook joins here until its
+# outputs are committed. 19_glue: its fine-tuning numbers differ from process to process (most likely its toy
+# tokenizer: WordPiece training breaks ties between equally frequent words unpredictably); fix that, then commit.
+# 23_sweep: its examples print temporary paths and durations.
+PENDING = {'19_glue.ipynb', '23_sweep.ipynb'}
 # Those with outputs (skipped by `nbdev_test`) and the other module notebooks (which may produce no output at all).
 NOTEBOOKS = sorted(set(notebooks_with_outputs(NBS)) | {p for p in _output_nbs(NBS) if p.name not in PENDING})
 
