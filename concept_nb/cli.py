@@ -4,11 +4,11 @@
 
 # %% ../nbs/26_cli.ipynb #26967813
 from __future__ import annotations
-import os, re, sys, json, time, shlex, argparse, logging, subprocess
+import os, sys, json, time, shlex, argparse, logging, subprocess
 import concurrent.futures as cf
 from pathlib import Path
 from typing import Sequence
-from .core import ParamError, atomic_write_text, parse_value, repo_root
+from .core import ParamError, atomic_write_text, parse_value
 from .runs import (RunFailed, RunInterrupted, declared_params, interruption_line, preset_names,
                              project_root, launch_params, run_notebook, template_path, type_names, _shown)
 from .checkpoints import latest_checkpoint

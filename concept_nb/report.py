@@ -14,7 +14,7 @@ from .core import atomic_write_text
 from .glue_metrics import BASELINES, DEFAULT_BASELINES, BASELINE_SOURCES
 from .registry import (TASK_NAMES, METRIC_NAMES, KEY_METRIC, canon_task, canon_metric, glue_scores,
                                  group_seeds, seed_group, config_of, run_params, glue_protocol, glue_control,
-                                 glue_sizes, glue_majority, latest_glue, read_run, load_registry)
+                                 glue_sizes, glue_majority, latest_glue, load_registry)
 from .registry import _num, _sort_key, _link_sources, _train_str, _train_summary, _scores_from
 
 

@@ -8,8 +8,8 @@ import os, re, ast, sys, json, socket, difflib, logging, datetime as dt
 from pathlib import Path
 from typing import Sequence, Mapping
 import yaml, nbformat
-from .core import ParamError, check_params, atomic_write_json, reserve_run_dir, repo_root, parse_value
-from .records import safe_name, task_list, source_run_of, default_run_name, read_record
+from .core import ParamError, check_params, atomic_write_json, reserve_run_dir, repo_root
+from .records import safe_name, task_list, default_run_name, read_record
 from .checkpoints import latest_checkpoint
 from .pretrain import resolve_params as _pretrain_params   # the template's own cross-checks
 from .glue import check_glue_params

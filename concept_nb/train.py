@@ -13,7 +13,7 @@ from .losses import LossManager
 from .analysis import concept_metrics
 from .collators import MLMCollator
 from .controls import (MLM_KEYS, ContextFreeFloor, MLMEvalStats, collator_floor, token_counts,
-                                 fill_mask, format_fill_mask)
+                                 fill_mask)
 from .flops import FLOP_MODELS, Shape, flops_per_token
 from .core import ParamError, check_params, resolve_device
 from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint,
