@@ -32,8 +32,9 @@ sync-check: install
 	bash .ci/sync_check.sh $(BIN)
 
 # ruff (rules in pyproject.toml: F, E9, B, E501 at 120 characters) over the exported library, tests and benchmarks.
+# ruff with pyproject.toml's config; .ci/lint.py drops only the long lines of nbdev's own `__all__` blocks.
 lint: install
-	$(BIN)/ruff check concept_nb tests benchmarks
+	$(BIN)/python .ci/lint.py $(BIN)/ruff concept_nb tests benchmarks
 
 # Notebooks that commit outputs run in tests/test_outputs.py instead, which also compares their outputs.
 WITH_OUTPUTS = $(BIN)/python -c "import re; from concept_nb.docs import notebooks_with_outputs as f; \
