@@ -27,7 +27,8 @@ def _svdvals(m:torch.Tensor) -> torch.Tensor:
 
 def _check_matrix(m, name='matrix'):
     m = torch.as_tensor(m)
-    if m.ndim < 2: raise ValueError(f"{name}: expected a matrix (N, K) or a stack (..., N, K), got shape {tuple(m.shape)}")
+    if m.ndim < 2: raise ValueError(f"{name}: expected a matrix (N, K) or a stack (..., N, K), "
+                                    f"got shape {tuple(m.shape)}")
     return m
 
 def _nuclear_from_sv(s:torch.Tensor) -> torch.Tensor: return s.sum(-1) / (s.max(-1).values + 1e-8)
@@ -214,7 +215,8 @@ def recommendations(metrics:Mapping[str, float] # `concept_metrics` output or `C
         out.append(f"Mean concept similarity {s:.3f} > 0.5: add an orthogonality or uniformity concept loss.")
     d = _lookup(metrics, 'min_dimension_std')
     if d is not None and d < 0.01:
-        out.append(f"Min dimension std {d:.2e} < 0.01, some dimensions are near-constant: add the variance or VICReg loss.")
+        out.append(f"Min dimension std {d:.2e} < 0.01, some dimensions are near-constant: "
+                   "add the variance or VICReg loss.")
     i = _lookup(metrics, 'input_dependence')
     if i is not None and i < 0.05:                                 # nan (one sample) gives no advice
         out.append(f"CRITICAL: input dependence {i:.3f} < 0.05, the concepts are nearly the same for every input "
@@ -368,7 +370,8 @@ class ConceptReport:
         "Inverse of `to_dict`."
         missing = [k for k in ('metrics', 'batch_metrics', 'n_samples') if k not in d]
         if missing: raise ValueError(f"not a ConceptReport dict: missing {missing}")
-        grades = [{**g, 'value': math.nan if g.get('value') is None else float(g['value'])} for g in d.get('grades', [])]
+        grades = [{**g, 'value': math.nan if g.get('value') is None else float(g['value'])}
+                  for g in d.get('grades', [])]
         return cls(metrics=_metric_dict(d['metrics']), batch_metrics=_metric_dict(d['batch_metrics']), grades=grades,
                    recommendations=list(d.get('recommendations', [])), n_samples=int(d['n_samples']),
                    n_batches=int(d.get('n_batches', 0)), concept_num=int(d.get('concept_num', 0)),
@@ -390,7 +393,8 @@ class ConceptReport:
                  '| rank | value | of max |', '|---|---|---|']
         k = max(min(C, H), 1)
         for key, label, mx in (('effective_rank', 'effective rank Σσ/σ₁ of the batch mean (global, upstream)', k),
-                               ('rankme', 'RankMe of all concept vectors (B·C × H)', max(min(self.n_samples * C, H), 1)),
+                               ('rankme', 'RankMe of all concept vectors (B·C × H)',
+                                max(min(self.n_samples * C, H), 1)),
                                ('rankme_per_sample', 'RankMe per sample (C × H), mean', k),
                                ('effective_rank_per_sample', 'Σσ/σ₁ per sample (C × H), mean', k)):
             lines.append(f"| {label} | {m[key]:.2f} | {m[key] / mx:.3f} |")
@@ -428,7 +432,8 @@ def _axes(ax, n:int=1, figsize=(6, 5)):
 def _ticks(n:int, max_labels:int=32) -> int: return max(1, math.ceil(n / max_labels))
 
 def cosine_similarity_matrix(concepts:torch.Tensor, # (B, C, H)
-                             average:str='samples', # 'samples': mean of per-sample matrices; 'concepts': of the batch-mean concepts
+                             # 'samples': mean of per-sample matrices; 'concepts': of the batch-mean concepts
+                             average:str='samples',
                             ) -> torch.Tensor:
     "(C, C) cosine similarity of the concept slots."
     x = as_concepts(concepts)
@@ -439,7 +444,9 @@ def cosine_similarity_matrix(concepts:torch.Tensor, # (B, C, H)
 
 def plot_similarity_heatmap(concepts:torch.Tensor, # (B, C, H) concepts
                             sample:int|None=None, # sample shown in the second panel (None: sample 0)
-                            average:str='samples', # batch panel: 'samples' (mean of per-sample cosines) or 'concepts' (cosine of the batch-mean concepts, upstream's plot)
+                            # batch panel: 'samples' (mean of per-sample cosines) or 'concepts' (cosine of the
+                            # batch-mean concepts, upstream's plot)
+                            average:str='samples',
                             ax=None, # two axes, or None for a new figure
                             cmap:str='vlag', # diverging colour map centred at 0 (vlag or RdBu_r)
                            ) -> plt.Figure:
@@ -471,7 +478,8 @@ def plot_svd_spectrum(concepts:torch.Tensor, # (B, C, H) concepts
     fig, (a,) = _axes(ax, 1, (7, 4.5))
     a2 = a.twinx()
     pal = sns.color_palette('deep')
-    for i, (label, s) in enumerate((('batch-mean (C×H)', _svdvals(x.mean(0))), ('pooled (B·C×H)', _svdvals(x.reshape(-1, H))))):
+    for i, (label, s) in enumerate((('batch-mean (C×H)', _svdvals(x.mean(0))),
+                                    ('pooled (B·C×H)', _svdvals(x.reshape(-1, H))))):
         s = s.numpy(); k = np.arange(1, len(s) + 1)
         a.plot(k, np.maximum(s / max(s[0], 1e-30), 1e-12), marker='o', ms=3, color=pal[i], label=f'σ/σ₁ {label}')
         e = np.cumsum(s ** 2) / max((s ** 2).sum(), 1e-30)
@@ -509,7 +517,8 @@ def plot_concept_pca(concepts:torch.Tensor, # (B, C, H) concepts
     cm = xy.reshape(B, C, 2).mean(0)
     a.scatter(cm[:, 0], cm[:, 1], c=pal, marker='*', s=160, edgecolor='k', linewidth=.6, zorder=3)
     if C <= 16: a.legend(title='concept', fontsize=7, title_fontsize=8, ncol=2, loc='best')
-    else: fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, C - 1), cmap=sns.color_palette('husl', as_cmap=True)),
+    else: fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, C - 1),
+                                             cmap=sns.color_palette('husl', as_cmap=True)),
                        ax=a, label='concept index')
     a.set_xlabel(f'PC1 ({var[0]:.0%} of variance)'); a.set_ylabel(f'PC2 ({var[1]:.0%})')
     a.set_title(f'PCA of {B}×{C} concept vectors', fontsize=10)

@@ -39,7 +39,8 @@ class BertMLMBaseline(BertForMaskedLM):
                 labels:torch.LongTensor|None=None, # (B, N) targets, -100 = ignore
                 token_type_ids:torch.LongTensor|None=None, # (B, N) segment ids (None: all 0)
                 **kwargs) -> ConceptMaskedLMOutput:
-        h = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state  # (B,N,H)
+        # (B,N,H)
+        h = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
         if labels is None: return ConceptMaskedLMOutput(logits=self.cls(h))            # (B, N, V): fill-mask, probes
         loss, _, masked_logits = lm_loss(h, labels, self.cls)                          # (M, V): labelled rows only
         return ConceptMaskedLMOutput(loss=loss, masked_logits=masked_logits)

@@ -24,7 +24,8 @@ def rng_state() -> dict:
     "Python, numpy, torch and CUDA RNG states as tensors/lists (safe for `weights_only` loading)."
     v, st, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(python=[v, list(st), gauss], numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    return dict(python=[v, list(st), gauss],
+                numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 def set_rng_state(s:dict):
@@ -139,7 +140,8 @@ def load_model_weights(model, path):
 def load_checkpoint(path, model=None, optimizer=None, scheduler=None, loss_manager=None, accelerator=None) -> dict:
     "Restore model, optimizer, scheduler and loss-manager state from a checkpoint; returns state.json (RNG separately)."
     path = Path(path)
-    if not (path / 'COMPLETE').exists(): raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+    if not (path / 'COMPLETE').exists(): raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE "
+                                                                 "marker)")
     if model is not None: load_model_weights(model, path)
     def ld(name):
         try: return torch.load(path / name, map_location='cpu', weights_only=True)
@@ -160,8 +162,8 @@ def resume_point(resume_from:str, # '' | 'latest' | a checkpoint folder | a run 
     p = Path(resume_from).expanduser()
     if (p / 'COMPLETE').exists(): return p
     if (p / 'state.json').exists():
-        raise FileNotFoundError(f"resume_from={resume_from!r} is an incomplete checkpoint (no COMPLETE marker): the save "
-                                "was interrupted; use an older checkpoint or 'latest'")
+        raise FileNotFoundError(f"resume_from={resume_from!r} is an incomplete checkpoint (no COMPLETE marker): "
+                                f"the save was interrupted; use an older checkpoint or 'latest'")
     q = latest_checkpoint(p) if p.is_dir() else None
     if q is None: raise FileNotFoundError(f"resume_from={resume_from!r}: no complete checkpoint there "
                                           f"(expected a {CHECKPOINT_DIR}/step-N folder or a run folder holding them)")
@@ -174,7 +176,8 @@ _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt')
 @dataclass
 class Checkpoint:
     "A resolved `checkpoint` parameter."
-    kind:str # 'random' (tiny random concept encoder), 'concept' (a saved concept model) or 'hf' (another transformers model)
+    # 'random' (tiny random concept encoder), 'concept' (a saved concept model) or 'hf' (another transformers model)
+    kind:str
     path:Path|None # the model folder (None for 'random')
     name:str # what the user asked for
     source_run:str|None=None # run folder name when the checkpoint lies under runs/
@@ -222,14 +225,14 @@ def resolve_checkpoint(checkpoint:str|Path|Checkpoint, # '' | run folder | model
     p = Path(name).expanduser()
     if p.is_dir(): return _local_model(p, name)
     if name.startswith(('.', '/', '~', 'runs/')) or name.count('/') != 1:
-        raise FileNotFoundError(f"checkpoint {name!r} does not exist: pass a run folder (runs/<run>), a saved model folder, "
-                                "a hub id 'org/name', or '' for a tiny random model")
+        raise FileNotFoundError(f"checkpoint {name!r} does not exist: pass a run folder (runs/<run>), "
+                                f"a saved model folder, a hub id 'org/name', or '' for a tiny random model")
     try:
         from huggingface_hub import snapshot_download
         p = Path(snapshot_download(name))
     except Exception as e:
-        raise FileNotFoundError(f"checkpoint {name!r} is not a local folder and could not be downloaded from the Hugging Face "
-                                f"hub ({type(e).__name__}: {e}); pass a local run or model folder") from e
+        raise FileNotFoundError(f"checkpoint {name!r} is not a local folder and could not be downloaded from the "
+                                f"Hugging Face hub ({type(e).__name__}: {e}); pass a local run or model folder") from e
     return Checkpoint(_model_kind(p), p, name)
 
 # %% ../nbs/14_checkpoints.ipynb #a415a81a
@@ -243,8 +246,8 @@ def weights_folder(source, # a model folder, a checkpoint, a run folder or a run
         if has_weights(d): return d
     ck = latest_checkpoint(p)
     if ck is not None: return ck
-    raise FileNotFoundError(f"init_from={str(source)!r}: {p} holds no saved model (expected config.json + model.safetensors, "
-                            f"a run folder with model/, or {CHECKPOINT_DIR}/step-N checkpoints)")
+    raise FileNotFoundError(f"init_from={str(source)!r}: {p} holds no saved model (expected config.json + "
+                            f"model.safetensors, a run folder with model/, or {CHECKPOINT_DIR}/step-N checkpoints)")
 
 def init_encoder_from(model:nn.Module, # the freshly built pretraining model
                       source, # model folder, checkpoint, run folder or run record whose encoder initialises `model`
@@ -272,9 +275,9 @@ def init_encoder_from(model:nn.Module, # the freshly built pretraining model
 def format_init_report(r:dict) -> str:
     "One log line for `init_encoder_from`'s report."
     groups = lambda ks: ', '.join(sorted({k.split('.')[0] for k in ks})) or 'none'
-    s = (f"init_from {r['source']}: loaded {r['loaded']} encoder tensors ({r['loaded_parameters'] / 1e6:.2f}M parameters) "
-         f"of a {r['source_architecture']}; skipped {len(r['skipped'])} tensors of the file ({groups(r['skipped'])}); "
-         f"{len(r['fresh'])} tensors keep their fresh initialisation ({groups(r['fresh'])})"
+    s = (f"init_from {r['source']}: loaded {r['loaded']} encoder tensors ({r['loaded_parameters'] / 1e6:.2f}M "
+         f"parameters) of a {r['source_architecture']}; skipped {len(r['skipped'])} tensors of the file "
+         f"({groups(r['skipped'])}); {len(r['fresh'])} tensors keep their fresh initialisation ({groups(r['fresh'])})"
          + (f"; tied to loaded tensors: {', '.join(r['tied'])}" if r.get('tied') else ''))
     if r.get('tokenizer_mismatch'): s += "; warning: the checkpoint names another tokenizer"
     return s

@@ -54,12 +54,14 @@ class _ParamAction(argparse.Action):
 def _run_args(p, preset_help='preset: configs/<name>.yaml or a YAML path'):
     p.add_argument('--preset', default=None, help=preset_help)
     p.add_argument('-p', '--parameter', dest='params', nargs=2, metavar=('NAME', 'VALUE'), action=_ParamAction,
-                   default=[], help='run parameter, typed like papermill -p (True/False/None/int/float/str); repeatable')
+                   default=[],
+                   help='run parameter, typed like papermill -p (True/False/None/int/float/str); repeatable')
     p.add_argument('-r', '--raw', dest='params', nargs=2, metavar=('NAME', 'VALUE'), action=_ParamAction,
                    help='run parameter kept as a string; repeatable')
     p.add_argument('--runs-dir', default='runs', help='folder of run records (default: runs)')
     p.add_argument('--template', default=None, help="execute this notebook instead of the kind's template in nbs/")
-    p.add_argument('--help-notebook', action='store_true', help="list the notebook's parameters and the presets, then exit")
+    p.add_argument('--help-notebook', action='store_true',
+                   help="list the notebook's parameters and the presets, then exit")
 
 # %% ../nbs/26_cli.ipynb #ec5f01d3
 def _print_record(kind, rec):
@@ -68,7 +70,8 @@ def _print_record(kind, rec):
     return r
 
 def _glue_params(params, checkpoint, tasks=None, template=None) -> dict:
-    "GLUE notebook parameters: `checkpoint` (a record path means its run folder), `tasks` typed as the template declares."
+    ("GLUE notebook parameters: `checkpoint` (a record path means its run folder), "
+     "`tasks` typed as the template declares.")
     p = dict(params or [])
     ck = str(checkpoint)
     p['checkpoint'] = str(Path(ck).parent/Path(ck).stem) if ck.endswith('.ipynb') else ck
@@ -117,7 +120,8 @@ def _cmd_pretrain(a, argv):
 def _cmd_glue(a, argv):
     if a.help_notebook: return _help_notebook('glue', a)
     if a.checkpoint is None:
-        raise ParamError("--checkpoint is required: runs/<run>, a saved model folder, a hub id, or '' for a tiny random model")
+        raise ParamError("--checkpoint is required: runs/<run>, a saved model folder, a hub id, "
+                         "or '' for a tiny random model")
     params = _glue_params(a.params, a.checkpoint, task_list(a.tasks) if a.tasks else None, a.template)
     rec = run_notebook('glue', params, a.runs_dir, a.preset, template=a.template, argv=argv, stream=sys.stdout)
     _print_record('GLUE', rec); return 0
@@ -342,7 +346,8 @@ def _cmd_docs(a, argv):
 def _cmd_bench(a, argv):
     root = project_root()
     script = root/'benchmarks'/'bench.py'
-    if not script.exists(): raise FileNotFoundError(f"{script} is missing: the benchmarks live in a clone of the repository")
+    if not script.exists(): raise FileNotFoundError(f"{script} is missing: the benchmarks live in a clone of the "
+                                                    "repository")
     return subprocess.call([sys.executable, str(script), *a.rest], cwd=root)
 
 def _cmd_export_st(a, argv):
@@ -384,18 +389,22 @@ def _sweep_parsers(sub):
 
 def _report_parsers(sub):
     p = sub.add_parser('experiment-log', help='write the markdown experiment log of runs/')
-    p.add_argument('--runs-dir', default='runs'); p.add_argument('--out', default=None, help='default: <runs-dir>/EXPERIMENT_LOG.md')
+    p.add_argument('--runs-dir', default='runs')
+    p.add_argument('--out', default=None, help='default: <runs-dir>/EXPERIMENT_LOG.md')
     p = sub.add_parser('compare', help='results vs baselines and pretraining summary for runs')
-    p.add_argument('runs', nargs='+', help='run ids, names or record paths'); p.add_argument('--runs-dir', default='runs')
+    p.add_argument('runs', nargs='+', help='run ids, names or record paths')
+    p.add_argument('--runs-dir', default='runs')
     p.add_argument('--out', default=None, help='markdown file (a .png figure is written beside it); default: print')
     p = sub.add_parser('health', help='health-check a checkpoint (concept_nb.health)')
     p.add_argument('checkpoint', help='model folder or runs/<run>')
-    p.add_argument('--tokenizer', default=None, help="tokenizer name or folder (default: the checkpoint's, else 'embedded')")
+    p.add_argument('--tokenizer', default=None,
+                   help="tokenizer name or folder (default: the checkpoint's, else 'embedded')")
     p.add_argument('--texts', default=None, help='text file with one sentence per line (default: embedded corpus)')
     p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
 
 def _tool_parsers(sub):
-    p = sub.add_parser('docs', help='build the searchable HTML docs site from the notebooks (concept_nb.docs.build_docs)')
+    p = sub.add_parser('docs',
+                       help='build the searchable HTML docs site from the notebooks (concept_nb.docs.build_docs)')
     p.add_argument('--out', default=None, help='site folder (default: _docs/ in the repository)')
     p.add_argument('--notebooks', nargs='*', default=None, help='only these notebooks')
     p.add_argument('--workers', type=int, default=2, help='processes running nbdev on the notebooks (default: 2)')

@@ -29,7 +29,8 @@ _LETTER, _DIGIT, _OTHER, _WS, _SPACE, _GLUE = 0, 1, 2, 3, 4, -1   # _GLUE: a cut
 
 def _char_class(c:str) -> int:
     "Class of one character: letter, digit, space (' '), other whitespace, or other (punctuation, symbols)."
-    return _LETTER if c.isalpha() else _DIGIT if c.isnumeric() else _SPACE if c == ' ' else _WS if c.isspace() else _OTHER
+    return (_LETTER if c.isalpha() else _DIGIT if c.isnumeric() else _SPACE if c == ' ' else _WS if c.isspace()
+            else _OTHER)
 
 def _byte_decoder() -> dict[str, int]:
     "Inverse of the byte-level BPE alphabet: printable bytes map to themselves, the rest to chr(256 + k)."
@@ -43,7 +44,8 @@ def _edge_classes(raw:bytes) -> tuple[int, int]:
         try: return _char_class(chunk.decode('utf-8'))
         except UnicodeDecodeError: return _GLUE
     if not raw: return _GLUE, _GLUE
-    first = _GLUE if 0x80 <= raw[0] < 0xC0 else cls(raw[:1 if raw[0] < 0x80 else 2 if raw[0] < 0xE0 else 3 if raw[0] < 0xF0 else 4])
+    first = _GLUE if 0x80 <= raw[0] < 0xC0 else cls(raw[:1 if raw[0] < 0x80 else 2 if raw[0] < 0xE0 else 3
+                                                        if raw[0] < 0xF0 else 4])
     j = len(raw) - 1
     while j > 0 and 0x80 <= raw[j] < 0xC0: j -= 1
     return first, cls(raw[j:])
@@ -134,7 +136,8 @@ class BaseCollator:
         self.word_scheme, self._words = scheme, None
 
     def word_ids(self, ids:Tensor, real:Tensor, feats:Sequence=(), with_unk:bool=False) -> Tensor:
-        "(B, L) word number of each real non-special token ([UNK] too if `with_unk`), else -1; features' `word_ids` win."
+        ("(B, L) word number of each real non-special token ([UNK] too if `with_unk`), else -1; "
+         "features' `word_ids` win.")
         grp = real & (~self.is_special(ids) | (ids == self.unk_token_id))   # an [UNK] inside a word does not split it
         prev_grp = torch.zeros_like(grp); prev_grp[:, 1:] = grp[:, :-1]
         if feats and all('word_ids' in f for f in feats):
@@ -169,7 +172,8 @@ class WordBoundaries:
                  scheme:str|None=None, # 'wordpiece' | 'byte_level' | 'metaspace'; None infers it from the vocabulary
                 ):
         scheme = scheme or infer_word_scheme(tokenizer)
-        if scheme not in _WORD_MARKERS: raise ValueError(f"word_scheme must be one of {list(_WORD_MARKERS)}, got {scheme!r}")
+        if scheme not in _WORD_MARKERS: raise ValueError(f"word_scheme must be one of {list(_WORD_MARKERS)}, "
+                                                         f"got {scheme!r}")
         self.scheme, marker = scheme, _WORD_MARKERS[scheme]
         toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         toks = ['' if t is None else t for t in toks]
@@ -394,7 +398,8 @@ def _noise(n:int, p:float, g:torch.Generator) -> Tensor:
     return torch.rand(n, generator=g) < p
 
 def _check_t(t_min, t_max, eps):
-    if not 0 <= t_min <= t_max <= 1: raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    if not 0 <= t_min <= t_max <= 1: raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, "
+                                                      f"t_max={t_max}")
     if not 0 <= eps < 1: raise ValueError(f"eps must be in [0, 1), got {eps}")
 
 class DiffusionCollator(BaseCollator):
@@ -443,7 +448,8 @@ class PrefixDiffusionCollator(DiffusionCollator):
                 ):
         super().__init__(tokenizer, t_min, t_max, eps, pad_to_multiple_of, seed)
         lo, hi = prefix_frac
-        if not 0 < lo <= hi < 1: raise ValueError(f"prefix_frac must be (lo, hi) with 0 < lo <= hi < 1, got {prefix_frac}")
+        if not 0 < lo <= hi < 1: raise ValueError("prefix_frac must be (lo, hi) with 0 < lo <= hi < 1, "
+                                                  f"got {prefix_frac}")
         self.prefix_frac = (float(lo), float(hi))
 
     def __call__(self, features:list[dict]) -> dict[str, Tensor]:
@@ -453,7 +459,8 @@ class PrefixDiffusionCollator(DiffusionCollator):
         for b, ((ids, real, _), g) in enumerate(zip(rows, self._sample_generators(len(rows)))):
             x = ids[real]
             n = len(x)
-            if n < 2: raise ValueError(f"features[{b}] has {n} real token(s); prefix diffusion needs at least 2 to split")
+            if n < 2: raise ValueError(f"features[{b}] has {n} real token(s); prefix diffusion needs at least 2 to "
+                                       "split")
             k = min(max(round((lo + (hi - lo) * float(torch.rand(1, generator=g))) * n), 1), n - 1)
             ts[b] = self._t(g)
             s = x[k:]
@@ -464,7 +471,8 @@ class PrefixDiffusionCollator(DiffusionCollator):
             pre.append(x[:k]); suf.append(s); noisy.append(y); labels.append(lab)
         ones = lambda xs: [torch.ones(len(v), dtype=torch.long) for v in xs]
         return dict(input_ids=self._stack(pre, self.pad_token_id), attention_mask=self._stack(ones(pre), 0),
-                    decoder_input_ids=self._stack(noisy, self.pad_token_id), decoder_attention_mask=self._stack(ones(suf), 0),
+                    decoder_input_ids=self._stack(noisy, self.pad_token_id),
+                    decoder_attention_mask=self._stack(ones(suf), 0),
                     labels=self._stack(labels, IGNORE_INDEX), t=ts)
 
 # %% ../nbs/06_collators.ipynb #e2bfa1e7

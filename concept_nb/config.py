@@ -115,7 +115,8 @@ class ConceptEncoderConfig(PretrainedConfig):
                f"must be None or an objective name, got {self.objective!r}")
         _check(self.elbo_weighting in ELBO_WEIGHTINGS, 'elbo_weighting',
                f"{self.elbo_weighting!r} is not one of {ELBO_WEIGHTINGS}")
-        _check(self.token_mixing in TOKEN_MIXINGS, 'token_mixing', f"{self.token_mixing!r} is not one of {TOKEN_MIXINGS}")
+        _check(self.token_mixing in TOKEN_MIXINGS, 'token_mixing',
+               f"{self.token_mixing!r} is not one of {TOKEN_MIXINGS}")
         _check(self.diffusion_mode in DIFFUSION_MODES, 'diffusion_mode',
                f"{self.diffusion_mode!r} is not one of {DIFFUSION_MODES}")
         for f in ('hidden_dropout_prob', 'attention_probs_dropout_prob', 'label_smoothing'):

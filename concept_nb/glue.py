@@ -35,7 +35,8 @@ TASK_EPOCHS = {'sst2': 5, 'qnli': 3, 'qqp': 3, 'mnli_matched': 3, 'mnli_mismatch
 GLUE_PRESETS = {
     'cpu-smoke': dict(tasks='mrpc,stsb,sst2', epochs=1, batch_size=16, lr=1e-5, max_length=128, train_subset=64,
                       eval_subset=64, seeds='42', zero_shot=True, device='cpu', protocol='standard'),
-    'upstream': dict(tasks='mrpc,stsb,qqp,mnli_matched,mnli_mismatched', epochs=0, batch_size=96, lr=1e-5, max_length=128,
+    'upstream': dict(tasks='mrpc,stsb,qqp,mnli_matched,mnli_mismatched', epochs=0, batch_size=96, lr=1e-5,
+                     max_length=128,
                      train_subset=0, eval_subset=0, seeds='42,43,44', zero_shot=True, device='auto',
                      protocol='standard'),
 }
@@ -60,7 +61,8 @@ def parse_seeds(seeds:str|int|Sequence[int]) -> list[int]:
     if isinstance(seeds, int) and not isinstance(seeds, bool): return [seeds]
     items = [s.strip() for s in seeds.split(',') if s.strip()] if isinstance(seeds, str) else list(seeds)
     try: out = [int(s) for s in items]
-    except (TypeError, ValueError): raise ValueError(f"seeds={seeds!r}: expected a comma list of integers, e.g. '42,43,44'") from None
+    except (TypeError, ValueError): raise ValueError(f"seeds={seeds!r}: expected a comma list of integers, e.g. "
+                                                     "'42,43,44'") from None
     if not out: raise ValueError("seeds is empty: give at least one, e.g. '42'")
     if any(s < 0 for s in out): raise ValueError(f"seeds={seeds!r}: seeds must be >= 0")
     return list(dict.fromkeys(out))
@@ -137,13 +139,15 @@ def check_glue_params(params:dict, # validated run parameters
         raise ParamError(f"via_decoder_queries={params['via_decoder_queries']!r} sets the queries of the via_decoder "
                          f"head: set head='via_decoder' (got head={head!r}) or via_decoder_queries='position'")
     if enc == 'separate' and head != 'pair':
-        raise ParamError(f"pair_encoding='separate' encodes the two sentences separately, which only the 'pair' head reads; "
-                         f"set head='pair' (got head={head!r}) or pair_encoding='joint'")
+        raise ParamError("pair_encoding='separate' encodes the two sentences separately, "
+                         f"which only the 'pair' head reads; set head='pair' (got head={head!r}) or "
+                         "pair_encoding='joint'")
     if head == 'pair':
         if enc != 'separate':
             raise ParamError("head='pair' encodes the two sentences separately: set pair_encoding='separate'")
         single = [t for t in parse_tasks(params.get('tasks', '')) if not TASKS[t].is_pair]
-        if single: raise ParamError(f"head='pair' needs sentence-pair tasks; {single} have one sentence: drop them or use another head")
+        if single: raise ParamError(f"head='pair' needs sentence-pair tasks; {single} have one sentence: "
+                                    "drop them or use another head")
     return params
 
 # %% ../nbs/19_glue.ipynb #daea3933
@@ -154,15 +158,17 @@ def tiny_config(tokenizer, # the tokenizer the model will read
     "Config of the tiny random concept encoder used when `checkpoint=''` (H 32, L 2, C 8)."
     d = dict(vocab_size=len(tokenizer), concept_num=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
              intermediate_size=64, max_sequence_length=max(512, max_length), pad_token_id=tokenizer.pad_token_id,
-             mask_token_id=tokenizer.mask_token_id, cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
+             mask_token_id=tokenizer.mask_token_id, cls_token_id=tokenizer.cls_token_id,
+             sep_token_id=tokenizer.sep_token_id)
     return ConceptEncoderConfig(**{**d, **kwargs})
 
 def _check_fits(config, tokenizer, max_length:int, where:str):
     if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
-                         "use the checkpoint's own tokenizer (tokenizer='')")
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}; use the checkpoint's own tokenizer (tokenizer='')")
     if max_length > config.max_sequence_length:
-        raise ValueError(f"{where}: max_length={max_length} exceeds the model's max_sequence_length={config.max_sequence_length}")
+        raise ValueError(f"{where}: max_length={max_length} exceeds the model's "
+                         f"max_sequence_length={config.max_sequence_length}")
 
 def _check_positions(model, max_length:int, where:str):
     n = getattr(model.config, 'max_position_embeddings', None)
@@ -201,7 +207,8 @@ def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
     torch.manual_seed(seed)
     if control: model, report = _random_init(ck, nl, pt, head, **config_kwargs)
     elif ck.kind == 'random':
-        if head == 'via_decoder': warnings.warn("head='via_decoder' on a random model: its decoder is random too", stacklevel=2)
+        if head == 'via_decoder': warnings.warn("head='via_decoder' on a random model: its decoder is random too",
+                                                stacklevel=2)
         model = ConceptEncoderForSequenceClassification(tiny_config(tokenizer, max_length, classifier_head=head,
                                                                     num_labels=nl, problem_type=pt, **config_kwargs))
         report = dict(loaded=0, new=sorted(model.state_dict()), note='tiny randomly initialised model: nothing loaded')
@@ -213,7 +220,8 @@ def build_classifier(checkpoint:str|Checkpoint, # see `resolve_checkpoint`
         v = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()   # "newly initialized classifier" is expected
         try: model = AutoModelForSequenceClassification.from_pretrained(str(ck.path), num_labels=nl, problem_type=pt)
         finally: hf_logging.set_verbosity(v)
-        report = dict(loaded='all but the classifier', new=['classifier (transformers head)'], note=f'{type(model).__name__}')
+        report = dict(loaded='all but the classifier', new=['classifier (transformers head)'],
+                      note=f'{type(model).__name__}')
     if ck.kind == 'hf': _check_positions(model, max_length, f"checkpoint {ck.name!r}"); return model, report
     _check_fits(model.config, tokenizer, max_length, f"checkpoint {ck.name or '(random)'!r}")
     return model, report
@@ -256,8 +264,9 @@ def load_splits(task:str|TaskSpec, # task name or spec
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             files = ', '.join(sorted({spec.split_files[x] for x in splits}))
             raise TaskUnavailable(f"task {spec.name!r} skipped: {e}\n  To provide it, set the environment variable "
-                                  f"CONCEPT_NB_GLUE_DIR (or the run parameter glue_dir) to a folder in the GLUE layout that "
-                                  f"holds {spec.local_dir}/ with {files}; or glue_dir='hub' with network access.") from e
+                                  "CONCEPT_NB_GLUE_DIR (or the run parameter glue_dir) to a folder in the GLUE layout "
+                                  f"that holds {spec.local_dir}/ with {files}; or glue_dir='hub' with network "
+                                  "access.") from e
     return out
 
 def take_subset(ds, n:int=0, seed:int=0):
@@ -301,11 +310,13 @@ def encode_task(ds, # split with sentence1, (sentence2), label
                ) -> Encoded:
     "Tokenize a task split jointly or separately; no padding yet."
     spec = get_task(spec)
-    if pair_encoding not in PAIR_ENCODINGS: raise ValueError(f"pair_encoding={pair_encoding!r}: expected one of {PAIR_ENCODINGS}")
+    if pair_encoding not in PAIR_ENCODINGS: raise ValueError(f"pair_encoding={pair_encoding!r}: "
+                                                             f"expected one of {PAIR_ENCODINGS}")
     s1, s2 = list(ds['sentence1']), list(ds['sentence2']) if spec.is_pair else None
     kw = dict(truncation=True, max_length=max_length)
     if pair_encoding == 'separate':
-        if not spec.is_pair: raise ValueError(f"pair_encoding='separate' needs a sentence-pair task; {spec.name!r} has one sentence")
+        if not spec.is_pair: raise ValueError("pair_encoding='separate' needs a sentence-pair task; "
+                                              f"{spec.name!r} has one sentence")
         a, b = tokenizer(s1, **kw), tokenizer(s2, **kw)
         feats = {'input_ids': a['input_ids'], 'attention_mask': a['attention_mask'],
                  'input_ids_b': b['input_ids'], 'attention_mask_b': b['attention_mask']}
@@ -337,7 +348,8 @@ def predict(model, enc:Encoded, pad_id:int, batch_size:int=128, device='cpu') ->
     model.eval(); out = []
     dev = torch.device(device)
     for i in range(0, len(enc), batch_size):
-        b = {k: v.to(dev) for k, v in collate(enc, range(i, min(i + batch_size, len(enc))), pad_id).items() if k != 'labels'}
+        b = {k: v.to(dev) for k, v in collate(enc, range(i, min(i + batch_size, len(enc))), pad_id).items()
+             if k != 'labels'}
         with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dev.type == 'cuda'):
             out.append(model(**b).logits.float().cpu())
     return torch.cat(out)
@@ -368,7 +380,8 @@ def finetune(model, # a sequence classifier returning `.loss` and `.logits`
     if patience and select is None: raise ValueError(f"{spec.name}: patience={patience} needs a selection slice")
     dev_t = resolve_device(device); model.to(dev_t)
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(param_groups(model, weight_decay=weight_decay), lr)   # decay matrices (embeddings too), not the rest
+    # decay matrices (embeddings too), not the rest
+    opt = make_optimizer(param_groups(model, weight_decay=weight_decay), lr)
     steps_per_epoch = math.ceil(len(fit) / batch_size); total = steps_per_epoch * epochs
     warm = warmup_steps if warmup_steps < total else max(0, total // 10)
     if warm != warmup_steps and log: log(f"{tag}warmup_steps={warmup_steps} >= {total} total steps: using {warm}")
@@ -434,7 +447,8 @@ def aggregate(per_seed:list, # per-seed dicts with 'final', 'selected', 'best_ep
     return out
 
 def _tok(tokenizer, ck:Checkpoint):
-    if tokenizer not in (None, ''): return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    if tokenizer not in (None, ''): return (load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path))
+                                            else tokenizer)
     if ck.tokenizer_dir is not None:
         if ck.kind == 'hf':
             from transformers import AutoTokenizer
@@ -553,7 +567,8 @@ def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: sts
                    log:Callable|None=print, control:str='') -> dict:
     "Zero-shot similarity: Pearson / Spearman ×100 of cos(embed(a), embed(b)) against the dev scores; no training."
     spec, ck, t0 = get_task(task), resolve_checkpoint(checkpoint), time.time()
-    if spec.name not in ZERO_SHOT_TASKS: raise ValueError(f"zero-shot scoring needs a similarity task {ZERO_SHOT_TASKS}, got {spec.name!r}")
+    if spec.name not in ZERO_SHOT_TASKS: raise ValueError("zero-shot scoring needs a similarity task "
+                                                          f"{ZERO_SHOT_TASKS}, got {spec.name!r}")
     tok = _tok(tokenizer, ck)
     dev = take_subset(load_splits(spec, source, ('validation',))['validation'], eval_subset)
     enc = encode_task(dev, spec, tok, max_length, 'separate')
@@ -567,7 +582,8 @@ def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: sts
         sims.append(F.cosine_similarity(za.float(), zb.float(), dim=-1).cpu())
     m = compute_metrics(spec, torch.cat(sims), enc.labels, digits=None)
     if log: log(f"[{spec.name} zero-shot] {len(dev)} dev pairs: " + ' '.join(f"{k} {v:.2f}" for k, v in m.items()))
-    return dict(task=spec.name, mode='zero_shot', status='completed', metrics=list(m), headline_metric=spec.headline_metric,
+    return dict(task=spec.name, mode='zero_shot', status='completed', metrics=list(m),
+                headline_metric=spec.headline_metric,
                 checkpoint=ck.name, source_run=ck.source_run, init=control or 'checkpoint', protocol='zero_shot',
                 n_train=0, n_dev=len(dev), final=m,
                 time_s=round(time.time() - t0, 2))

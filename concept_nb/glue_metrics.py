@@ -47,10 +47,12 @@ def to_predictions(task:str|TaskSpec, # task name or spec
     p = preds.detach().float().cpu().numpy() if isinstance(preds, torch.Tensor) else np.asarray(preds)
     if spec.is_regression:
         if p.ndim == 2 and p.shape[1] == 1: p = p[:, 0]          # the upstream "STS-B bug" was a missing squeeze
-        if p.ndim != 1: raise ValueError(f"task {spec.name!r} is a regression: preds must have shape (N,) or (N, 1), got {p.shape}")
+        if p.ndim != 1: raise ValueError(f"task {spec.name!r} is a regression: preds must have shape (N,) or (N, 1), "
+                                         f"got {p.shape}")
         return p.astype(np.float64)
     if p.ndim == 2: return p.argmax(-1)
-    if p.ndim != 1: raise ValueError(f"task {spec.name!r}: preds must be logits (N, {spec.num_labels}) or class ids (N,), got {p.shape}")
+    if p.ndim != 1: raise ValueError(f"task {spec.name!r}: preds must be logits (N, {spec.num_labels}) or class ids "
+                                     f"(N,), got {p.shape}")
     return p.astype(np.int64)
 
 def compute_metrics(task:str|TaskSpec, # task name or spec
@@ -69,21 +71,22 @@ def compute_metrics(task:str|TaskSpec, # task name or spec
 
 # %% ../nbs/18_glue_metrics.ipynb #ce6f817a
 _SRC = {
-    'BERT-base': "huggingface/transformers examples/pytorch/text-classification/README.md: bert-base-cased, max_len 128, "
-                 "bs 32, lr 2e-5, 3 epochs (MRPC, WNLI 5), one run (conventions §D10)",
+    'BERT-base': "huggingface/transformers examples/pytorch/text-classification/README.md: bert-base-cased, "
+                 "max_len 128, bs 32, lr 2e-5, 3 epochs (MRPC, WNLI 5), one run (conventions §D10)",
     'BERT-base 5 seeds': "huggingface/transformers examples/flax/text-classification/README.md: same hyper-parameters, "
                          "total batch 32 on TPU, mean ± sd of 5 seeds (conventions §D10); STS-B lists '± 0.07' without "
                          "saying which metric, so no sd is stored for it",
-    'seed CLS-query': "upstream l2_vs_l6_scaling.md (§8.2): L6 perceiver_mlm_H512L6C128_20260208_211633 (canonical), old "
-                      "CLS-query head, bs 96, lr 1e-5, best dev epoch, seed 42. CoLA listed as 0.13 (raw MCC) and STS-B as "
-                      "0.627, both ×100 here. via_decoder_eval_20260222 lists other CLS-query values for MRPC acc (74.26), "
-                      "QQP acc (~80.1) and MNLI-mm (59.34)",
-    'seed ViaDecoder': "upstream via_decoder_eval_20260222.md (§8.4): the canonical L6 checkpoint with the ViaDecoder head, "
-                       "MRPC/STS-B 20 epochs, QQP/MNLI 3, bs 96, lr 1e-5, best dev epoch, seed 42; MNLI-mm from epoch 2",
-    'seed Kendall-Gal': "upstream concept_losses_20260219.md (§8.3): L6, combined concept loss with Kendall-Gal weighting, "
-                        "20 pretraining epochs, CLS-query head, best dev epoch, seed 42",
-    'seed fixed-0.1': "upstream concept_losses_20260219.md (§8.3): L6, combined concept loss with fixed weight 0.1, CLS-query "
-                      "head, best dev epoch, seed 42; PAWS 5 epochs",
+    'seed CLS-query': "upstream l2_vs_l6_scaling.md (§8.2): L6 perceiver_mlm_H512L6C128_20260208_211633 (canonical), "
+                      "old CLS-query head, bs 96, lr 1e-5, best dev epoch, seed 42. "
+                      "CoLA listed as 0.13 (raw MCC) and STS-B as 0.627, both ×100 here. via_decoder_eval_20260222 "
+                      "lists other CLS-query values for MRPC acc (74.26), QQP acc (~80.1) and MNLI-mm (59.34)",
+    'seed ViaDecoder': "upstream via_decoder_eval_20260222.md (§8.4): the canonical L6 checkpoint with the ViaDecoder "
+                       "head, MRPC/STS-B 20 epochs, QQP/MNLI 3, bs 96, lr 1e-5, best dev epoch, seed 42; "
+                       "MNLI-mm from epoch 2",
+    'seed Kendall-Gal': "upstream concept_losses_20260219.md (§8.3): L6, combined concept loss with Kendall-Gal "
+                        "weighting, 20 pretraining epochs, CLS-query head, best dev epoch, seed 42",
+    'seed fixed-0.1': "upstream concept_losses_20260219.md (§8.3): L6, combined concept loss with fixed weight 0.1, "
+                      "CLS-query head, best dev epoch, seed 42; PAWS 5 epochs",
 }
 _ROWS = [  # baseline, task, metric, value, sd
     *[('BERT-base', t, m, v, None) for t, m, v in [
@@ -114,7 +117,8 @@ _ROWS = [  # baseline, task, metric, value, sd
         ('paws', 'accuracy', 57.6)]],
 ]
 BASELINE_SOURCES = dict(_SRC)   # baseline name -> where its numbers come from
-BASELINE_ROWS = pd.DataFrame([dict(baseline=b, task=t, metric=m, value=v, sd=s, source=_SRC[b]) for b, t, m, v, s in _ROWS])
+BASELINE_ROWS = pd.DataFrame([dict(baseline=b, task=t, metric=m, value=v, sd=s, source=_SRC[b])
+                              for b, t, m, v, s in _ROWS])
 BASELINES = (BASELINE_ROWS.pivot_table(index=['task', 'metric'], columns='baseline', values='value', sort=False)
              [list(_SRC)].reset_index().rename_axis(columns=None))   # wide: task, metric, one column per baseline
 DEFAULT_BASELINES = ('BERT-base', 'seed CLS-query', 'seed ViaDecoder', 'seed Kendall-Gal', 'seed fixed-0.1')
@@ -127,7 +131,8 @@ def baseline_rows(names:Sequence[str]|None=DEFAULT_BASELINES, # baseline names (
     for n in names:
         if n not in known:
             close = difflib.get_close_matches(n, known, n=1)
-            raise ValueError(f"unknown baseline {n!r}" + (f" (did you mean {close[0]!r}?)" if close else '') + f"; known: {known}")
+            raise ValueError(f"unknown baseline {n!r}" + (f" (did you mean {close[0]!r}?)" if close else '')
+                             + f"; known: {known}")
     return pd.concat([BASELINE_ROWS[BASELINE_ROWS.baseline == n] for n in names], ignore_index=True)
 
 def majority_baseline(task:str|TaskSpec, # a classification task
@@ -137,7 +142,8 @@ def majority_baseline(task:str|TaskSpec, # a classification task
                      ) -> pd.DataFrame:
     "Rows scoring the constant prediction of the most frequent *train* class on dev (e.g. MRPC F1 81.2)."
     spec = get_task(task)
-    if spec.is_regression: raise ValueError(f"task {spec.name!r} is a regression: a constant prediction has no correlation")
+    if spec.is_regression: raise ValueError(f"task {spec.name!r} is a regression: a constant prediction has no "
+                                            "correlation")
     maj = int(np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=spec.num_labels).argmax())
     m = compute_metrics(spec, np.full(len(dev_labels), maj), dev_labels)
     return pd.DataFrame([dict(baseline=name, task=spec.name, metric=k, value=v, sd=None,
@@ -151,8 +157,10 @@ def _protocol(r:dict) -> str|None:
 def format_result(r:dict) -> str:
     "One log line summarising a task result (mean ± sd over seeds), its protocol and train examples."
     if r.get('status') != 'completed': return f"[{r['task']}] {r.get('status')}: {r.get('message', '')}"
-    if r['mode'] == 'zero_shot': return f"[{r['task']} zero-shot] " + ', '.join(f"{m} {v:.2f}" for m, v in r['final'].items())
-    f = lambda part: ', '.join(f"{m} {v:.2f}" + (f" ± {r[part + '_sd'][m]:.2f}" if part == 'final' and len(r['seeds']) > 1 else '')
+    if r['mode'] == 'zero_shot': return (f"[{r['task']} zero-shot] "
+                                         + ', '.join(f"{m} {v:.2f}" for m, v in r['final'].items()))
+    f = lambda part: ', '.join(f"{m} {v:.2f}"
+                               + (f" ± {r[part + '_sd'][m]:.2f}" if part == 'final' and len(r['seeds']) > 1 else '')
                                for m, v in r[part].items())
     sel = f" | selected (held-out train) {f('selected')}" if r.get('selected') else ''
     ctl = (' | zero-concepts control final ' + ', '.join(f"{m} {v:.2f}" for m, v in r['control']['final'].items())
@@ -164,19 +172,22 @@ def format_result(r:dict) -> str:
 CONTROL = 'zero-concepts control'   # column of the via_decoder token path's control (concepts replaced by zeros)
 
 def results_table(results:dict|Sequence[dict], # `run_task` / `zero_shot_task` results (skipped ones are ignored)
-                  baselines:pd.DataFrame|Sequence[str]|None=DEFAULT_BASELINES, # baseline names, or a frame like `BASELINE_ROWS` / `BASELINES`
+                  # baseline names, or a frame like `BASELINE_ROWS` / `BASELINES`
+                  baselines:pd.DataFrame|Sequence[str]|None=DEFAULT_BASELINES,
                   compare:str='final', # which of our numbers the deltas use: final | selected | best_epoch
                   majority:bool=True, # add the 'majority class' baseline that `run_task` measured on the same dev rows
                   digits:int=2, # decimals shown
                  ) -> pd.DataFrame:
     "Our scores, protocol and train examples beside the baselines with delta columns, one row per task and metric."
-    if compare not in ('final', 'selected', 'best_epoch'): raise ValueError(f"compare={compare!r}: final | selected | best_epoch")
+    if compare not in ('final', 'selected', 'best_epoch'): raise ValueError(f"compare={compare!r}: final | selected | "
+                                                                            "best_epoch")
     results = [results] if isinstance(results, dict) else list(results)
     if not isinstance(baselines, pd.DataFrame): base = baseline_rows(baselines)
     elif 'baseline' in baselines: base = baselines
     else: base = baselines.melt(id_vars=['task', 'metric'], var_name='baseline').dropna(subset=['value'])   # wide form
     maj = [dict(baseline='majority class', task=r['task'], metric=m, value=v) for r in results
-           if majority and r.get('status', 'completed') == 'completed' and r.get('majority') for m, v in r['majority'].items()]
+           if majority and r.get('status', 'completed') == 'completed' and r.get('majority')
+           for m, v in r['majority'].items()]
     if maj: base = pd.concat([pd.DataFrame(maj), base], ignore_index=True)
     rows = []
     for r in results:
@@ -199,7 +210,8 @@ def results_table(results:dict|Sequence[dict], # `run_task` / `zero_shot_task` r
     df = pd.DataFrame(rows)
     if df.empty: return df
     names = [c for c in df.columns if f'Δ {c}' in df.columns]
-    df = df.drop(columns=[c for b in names if df[b].isna().all() for c in (b, f'Δ {b}')])   # baselines without a value here
+    # baselines without a value here
+    df = df.drop(columns=[c for b in names if df[b].isna().all() for c in (b, f'Δ {b}')])
     for c in df.columns.drop(['task', 'mode', 'metric', 'protocol']):
         df[c] = pd.to_numeric(df[c], errors='coerce').astype(float)
     return df.round(digits)
@@ -211,7 +223,8 @@ def plot_learning_curves(history:list|dict, # one seed's rows, {label: rows}, or
                         ):
     "Train loss and the dev (and selection-slice, if any) metric per epoch, one line per seed; returns the Figure."
     if isinstance(history, dict) and 'per_seed' in history:
-        metric = metric or history.get('headline_metric'); title = title or f"{history['task']} ({history.get('head', '')})"
+        metric = metric or history.get('headline_metric')
+        title = title or f"{history['task']} ({history.get('head', '')})"
         runs = {f"seed {r['seed']}": r['history'] for r in history['per_seed']}
     elif isinstance(history, dict): runs = history
     else: runs = {'': history}
@@ -281,7 +294,8 @@ def metrics_record(results:Sequence[dict], # completed, skipped and failed task 
                                                 'headline_metric') if k in r}
         if r.get('status') != 'completed': continue
         if r['mode'] == 'zero_shot':
-            rec['zero_shot'].update({f"{r['task']}/{m}": round(v, 4) if v == v else v for m, v in r['final'].items()}); continue
+            rec['zero_shot'].update({f"{r['task']}/{m}": round(v, 4) if v == v else v for m, v in r['final'].items()})
+            continue
         rec['n_train'][r['task']], rec['n_dev'][r['task']] = r.get('n_train'), r.get('n_dev')
         parts = {p: r.get(p) for p in ('final', 'final_sd', 'selected', 'best_epoch', 'majority')}
         parts['zero_concepts_control'] = (r.get('control') or {}).get('final')

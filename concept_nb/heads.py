@@ -118,7 +118,8 @@ class ConceptEncoderForMaskedLM(ConceptPreTrainedModel):
     def __init__(self, config:ConceptEncoderConfig):
         super().__init__(config)
         if config.decoder_type not in DECODERS:
-            raise ValueError(f"decoder_type={config.decoder_type!r}: ConceptEncoderForMaskedLM supports {list(DECODERS)}")
+            raise ValueError(f"decoder_type={config.decoder_type!r}: ConceptEncoderForMaskedLM supports "
+                             f"{list(DECODERS)}")
         # tie only when shapes allow; recorded in the config so a reload ties (or not) the same way
         config.tie_word_embeddings = bool(config.tie_word_embeddings and config.token_dim == config.hidden_size)
         self.encoder = ConceptEncoder(config)
@@ -180,7 +181,8 @@ class AdaLNZeroBlock(nn.Module):
     def __init__(self, config:ConceptEncoderConfig):
         super().__init__()
         H, eps = config.hidden_size, config.layer_norm_eps
-        self.ln_q, self.ln_f = nn.LayerNorm(H, eps=eps, elementwise_affine=False), nn.LayerNorm(H, eps=eps, elementwise_affine=False)
+        self.ln_q, self.ln_f = nn.LayerNorm(H, eps=eps, elementwise_affine=False), nn.LayerNorm(H, eps=eps,
+                                                                                                elementwise_affine=False)
         self.ln_c = nn.LayerNorm(H, eps=eps)
         self.cross, self.ffn = Attention(config), GatedFFN(config)
         self.ada = nn.Linear(H, 6 * H); self.ada._zero_init = True            # blocks start as the identity
@@ -235,7 +237,8 @@ class ConceptEncoderForMaskedDiffusion(ConceptPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "decoder.token_embeddings.weight"}
     def __init__(self, config:ConceptEncoderConfig):
         super().__init__(config)
-        if config.mask_token_id is None: raise ValueError("ConceptEncoderConfig.mask_token_id is required for diffusion")
+        if config.mask_token_id is None: raise ValueError("ConceptEncoderConfig.mask_token_id is required for "
+                                                          "diffusion")
         self.encoder = ConceptEncoder(config)
         self.decoder = DiffusionDecoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -253,7 +256,8 @@ class ConceptEncoderForMaskedDiffusion(ConceptPreTrainedModel):
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
         if t is None: t = self.config.t_min + (1 - self.config.t_min) * torch.rand(B, device=input_ids.device)
         if decoder_input_ids is None:
-            decoder_input_ids, labels = noise_tokens(input_ids, attention_mask, self.config.mask_token_id, t, self.special_ids)
+            decoder_input_ids, labels = noise_tokens(input_ids, attention_mask, self.config.mask_token_id, t,
+                                                     self.special_ids)
             decoder_attention_mask = attention_mask
         if decoder_attention_mask is None: decoder_attention_mask = torch.ones_like(decoder_input_ids)
         enc = self.encoder(input_ids, attention_mask, output_attentions=output_attentions,
@@ -336,14 +340,16 @@ class WeightedPool(nn.Module):
     "Softmax-weighted sum of the concepts, then LayerNorm: (B, C, H) -> (B, H)."
     def __init__(self, config):
         super().__init__()
-        self.score, self.norm = nn.Linear(config.hidden_size, 1), nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.score, self.norm = nn.Linear(config.hidden_size, 1), nn.LayerNorm(config.hidden_size,
+                                                                               eps=config.layer_norm_eps)
     def forward(self, c): return self.norm((self.score(c).softmax(1) * c).sum(1))
 
 class ClsQueryPool(nn.Module):
     "One learned query reads the concepts (cross-attention + FFN), then LayerNorm: (B, C, H) -> (B, H)."
     def __init__(self, config):
         super().__init__()
-        self.query = nn.Parameter(torch.zeros(1, 1, config.hidden_size)); nn.init.normal_(self.query, std=config.initializer_range)
+        self.query = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        nn.init.normal_(self.query, std=config.initializer_range)
         self.block, self.norm = DecoderBlock(config), nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
     def forward(self, c): return self.norm(self.block(self.query.expand(c.shape[0], -1, -1), c)[:, 0])
 
@@ -373,7 +379,8 @@ class ConceptEncoderForSequenceClassification(ConceptPreTrainedModel):
         self.encoder = ConceptEncoder(config)
         if head == 'via_decoder':
             if config.decoder_type not in ('perceiver', 'posonly'):
-                raise ValueError(f"classifier_head='via_decoder' needs a Perceiver decoder, got decoder_type={config.decoder_type!r}")
+                raise ValueError("classifier_head='via_decoder' needs a Perceiver decoder, got "
+                                 f"decoder_type={config.decoder_type!r}")
             # position-only queries unless asked for the token shortcut (the weights are the same either way)
             posonly = config.decoder_type == 'posonly' or config.via_decoder_queries == 'position'
             self.decoder = PerceiverDecoder(config, posonly=posonly)
@@ -402,7 +409,8 @@ class ConceptEncoderForSequenceClassification(ConceptPreTrainedModel):
         z, c = self.features(input_ids, attention_mask)
         cb = None
         if self.config.classifier_head == 'pair':
-            if input_ids_b is None: raise ValueError("the 'pair' head needs input_ids_b / attention_mask_b (separate encoding)")
+            if input_ids_b is None: raise ValueError("the 'pair' head needs input_ids_b / attention_mask_b (separate "
+                                                     "encoding)")
             zb, cb = self.features(input_ids_b, attention_mask_b)
             z = torch.cat([z, zb, (z - zb).abs(), z * zb], -1)                   # (B, 4H)
         logits = self.classifier(self.dropout(z))
@@ -453,7 +461,8 @@ def model_config(name:str, config:ConceptEncoderConfig|None=None, **kwargs) -> C
 
 def build_model(name:str, config:ConceptEncoderConfig|None=None, **kwargs):
     "Instantiate registry model `name` (see `MODEL_REGISTRY`)."
-    return MODEL_REGISTRY[name].cls(model_config(name, config, **kwargs)) if name in MODEL_REGISTRY else model_config(name)
+    return (MODEL_REGISTRY[name].cls(model_config(name, config, **kwargs)) if name in MODEL_REGISTRY
+            else model_config(name))
 
 # %% ../nbs/02_heads.ipynb #b97bc0e3
 MODEL_CLASSES = {c.__name__: c for c in (ConceptEncoder, ConceptEncoderForMaskedLM, ConceptEncoderForMaskedDiffusion,
@@ -488,8 +497,8 @@ def load_state_strict(model, state:dict, source) -> dict:
     "Load `state` into `model`: same keys and shapes (tied weights may be absent), or an error naming `source`."
     own = model.state_dict()
     bad = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and own[k].shape != v.shape}
-    if bad: raise ValueError(f"{source}: shape mismatch (checkpoint, {type(model).__name__}): {dict(list(bad.items())[:5])}"
-                             " - was it saved from a model of another size?")
+    if bad: raise ValueError(f"{source}: shape mismatch (checkpoint, {type(model).__name__}): "
+                             f"{dict(list(bad.items())[:5])} - was it saved from a model of another size?")
     res = model.load_state_dict(state, strict=False)
     tied = set((getattr(model, '_tied_weights_keys', None) or {}) if model.config.tie_word_embeddings else {})
     missing = [k for k in res.missing_keys if k not in tied]
@@ -499,20 +508,23 @@ def load_state_strict(model, state:dict, source) -> dict:
     return dict(loaded=len(state), tied=sorted(tied & set(res.missing_keys)))
 
 def load_prefixed(model, state:dict, prefixes:tuple, source) -> dict:
-    "Copy the tensors of `state` under `prefixes` into `model`: all of them, same names and shapes, or an error naming `source`."
+    ("Copy the tensors of `state` under `prefixes` into `model`: all of them, same names and shapes, "
+     "or an error naming `source`.")
     take = {k: v for k, v in state.items() if k.startswith(prefixes)}
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     what = '/'.join(f'{q}*' for q in prefixes)
     for q in prefixes:
         if not any(k.startswith(q) for k in take):
-            raise ValueError(f"{source}: no {q}* tensors to load (its tensors start with {sorted({k.split('.')[0] for k in state})})")
+            raise ValueError(f"{source}: no {q}* tensors to load (its tensors start with "
+                             f"{sorted({k.split('.')[0] for k in state})})")
     missing, unexpected = sorted(set(own) - set(take)), sorted(set(take) - set(own))
     bad = {k: (tuple(take[k].shape), tuple(own[k].shape)) for k in take if k in own and take[k].shape != own[k].shape}
     if missing or unexpected or bad:
         why = [f"shape mismatch (file, model): {dict(list(bad.items())[:4])} ({len(bad)} tensors)" if bad else '',
                f"missing from the file: {missing[:4]} ({len(missing)} tensors)" if missing else '',
                f"not in this model: {unexpected[:4]} ({len(unexpected)} tensors)" if unexpected else '']
-        raise ValueError(f"{source}: its {what} weights do not fit this {type(model).__name__}: " + '; '.join(w for w in why if w))
+        raise ValueError(f"{source}: its {what} weights do not fit this {type(model).__name__}: "
+                         + '; '.join(w for w in why if w))
     model.load_state_dict(take, strict=False)                 # strict by the checks above; the rest stays fresh
     return dict(loaded=len(take), new=sorted(k for k in model.state_dict() if not k.startswith(prefixes)),
                 skipped=sorted(k for k in state if not k.startswith(prefixes)))
@@ -523,7 +535,8 @@ def load_model(path, cls=None, device='cpu'):
     config = read_config(p)
     if cls is None:
         arch = (config.architectures or ['ConceptEncoderForMaskedLM'])[0]
-        if arch not in MODEL_CLASSES: raise ValueError(f"{p}/config.json: unknown architecture {arch!r}; known: {list(MODEL_CLASSES)}")
+        if arch not in MODEL_CLASSES: raise ValueError(f"{p}/config.json: unknown architecture {arch!r}; known: "
+                                                       f"{list(MODEL_CLASSES)}")
         cls = MODEL_CLASSES[arch]
     model = cls(config)
     load_state_strict(model, read_state_dict(p), p)
@@ -535,9 +548,11 @@ def read_state_dict(path) -> dict:
     p = _checkpoint_dir(path)
     f = p / 'model.safetensors' if (p / 'model.safetensors').exists() else p / 'pytorch_model.bin'
     if not f.exists(): raise FileNotFoundError(f"{p} has neither model.safetensors nor pytorch_model.bin")
-    try: return load_file(str(f)) if f.suffix == '.safetensors' else torch.load(f, map_location='cpu', weights_only=True)
+    try: return (load_file(str(f)) if f.suffix == '.safetensors'
+                 else torch.load(f, map_location='cpu', weights_only=True))
     except Exception as e:
-        raise ValueError(f"{f} is unreadable, truncated or not a plain tensor file (only weights are loaded): {e}") from e
+        raise ValueError(f"{f} is unreadable, truncated or not a plain tensor file (only weights are loaded): "
+                         f"{e}") from e
 
 # %% ../nbs/02_heads.ipynb #0dbc5e82
 def classifier_from_pretrained(path, head:str='weighted_pool', num_labels:int=2, problem_type:str|None=None,

@@ -52,13 +52,16 @@ def concept_attention(model:nn.Module, # a ConceptEncoder or a model with `.enco
     device = device or _device_of(enc)
     b = tokenizer(text, truncation=True, max_length=max_length, return_tensors='pt')
     with _eval_mode(enc), torch.no_grad():
-        out = enc(input_ids=b['input_ids'].to(device), attention_mask=b['attention_mask'].to(device), output_attentions=True)
+        out = enc(input_ids=b['input_ids'].to(device), attention_mask=b['attention_mask'].to(device),
+                  output_attentions=True)
     if out.attentions is None: raise ValueError("model: the encoder returned no attentions for output_attentions=True")
-    return tuple(a.detach().float().cpu() for a in out.attentions), tokenizer.convert_ids_to_tokens(b['input_ids'][0].tolist())
+    return tuple(a.detach().float().cpu()
+                 for a in out.attentions), tokenizer.convert_ids_to_tokens(b['input_ids'][0].tolist())
 
 # %% ../nbs/11_health.ipynb #9ae0cfba
 def plot_attention_map(attn, # `.attentions` tuple, a (B, heads, C, N) tensor or a (C, N) map
-                       tokens:Sequence[str]|None=None, # token strings for the x-axis (the first len(tokens) columns are drawn)
+                       # token strings for the x-axis (the first len(tokens) columns are drawn)
+                       tokens:Sequence[str]|None=None,
                        layer:int|str=-1, # layer index or 'mean'
                        sample:int=0, # sample of the batch
                        head:int|None=None, # one head or the mean over heads
@@ -76,7 +79,8 @@ def plot_attention_map(attn, # `.attentions` tuple, a (B, heads, C, N) tensor or
     ax_.set_xticklabels(ax_.get_xticklabels(), rotation=90, fontsize=8)
     ax_.set_xlabel('token'); ax_.set_ylabel('concept')
     lay = 'mean over layers' if layer == 'mean' else 'last layer' if layer == -1 else f'layer {layer}'
-    ax_.set_title(f"concept→token attention ({lay}, {'mean over heads' if head is None else f'head {head}'})", fontsize=10)
+    ax_.set_title(f"concept→token attention ({lay}, {'mean over heads' if head is None else f'head {head}'})",
+                  fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -212,7 +216,8 @@ def _lm_call(model, ids, am, masked, labels=None):
     params = inspect.signature(model.forward).parameters
     if 'decoder_input_ids' in params:
         t = torch.full((ids.shape[0],), 0.15, device=ids.device)
-        return model(input_ids=ids, attention_mask=am, decoder_input_ids=masked, decoder_attention_mask=am, labels=labels, t=t)
+        return model(input_ids=ids, attention_mask=am, decoder_input_ids=masked, decoder_attention_mask=am,
+                     labels=labels, t=t)
     return model(input_ids=masked, attention_mask=am, labels=labels)
 
 # %% ../nbs/11_health.ipynb #2c4e59dd
@@ -248,7 +253,8 @@ def _lm_checks(model:nn.Module, tokenizer, ids, am, masked, labels) -> list[dict
         loss = float(_lm_call(model, ids, am, masked, labels).loss)
         ok = math.isfinite(loss) and 0 < loss < 100
         rows.append(_row('loss_sanity', 'pass' if ok else 'fail', f"loss {loss:.4f} on {int((labels != -100).sum())} "
-                         f"labelled tokens (ln V = {math.log(max(len(tokenizer), 2)):.2f}); must be finite, in (0, 100)"))
+                         f"labelled tokens (ln V = {math.log(max(len(tokenizer), 2)):.2f}); must be finite, in (0, "
+                         "100)"))
     except Exception as e: rows.append(_row('loss_sanity', 'fail', f"{type(e).__name__}: {e}"))
     return rows
 
@@ -267,9 +273,9 @@ def _encoder_checks(enc:nn.Module, ids, am) -> list[dict]:
         k = min(out.last_hidden_state.shape[1:])
         r, s, d = m['effective_rank_per_sample'] / k, m['max_concept_similarity'], m['input_dependence']
         rows.append(_row('concept_geometry', 'pass' if r > 0.5 and s < 0.8 and not d < 0.05 else 'warn',
-                         f"per-sample rank {m['effective_rank_per_sample']:.2f}/{k} (RankMe {m['rankme_per_sample']:.2f}), "
-                         f"max similarity {s:.3f}, mean {m['mean_concept_similarity']:.3f}, "
-                         f"input dependence {d:.3f}"))
+                         f"per-sample rank {m['effective_rank_per_sample']:.2f}/{k} (RankMe "
+                         f"{m['rankme_per_sample']:.2f}), max similarity {s:.3f}, mean "
+                         f"{m['mean_concept_similarity']:.3f}, input dependence {d:.3f}"))
     except Exception as e: rows.append(_row('attention_rows', 'fail', f"{type(e).__name__}: {e}"))
     return rows
 

@@ -20,10 +20,13 @@ LOSS_REGISTRY: dict[str, Callable[..., torch.Tensor]] = {}  # name -> loss(conce
 
 def _check(concepts, name, pairwise):
     "Validate a concept tensor for loss `name`; return it as float32."
-    if not isinstance(concepts, torch.Tensor): raise TypeError(f"{name}: concepts must be a torch.Tensor, got {type(concepts).__name__}")
-    if concepts.ndim != 3: raise ValueError(f"{name}: concepts must have shape (B, C, H), got shape {tuple(concepts.shape)}")
+    if not isinstance(concepts, torch.Tensor): raise TypeError(f"{name}: concepts must be a torch.Tensor, got "
+                                                               f"{type(concepts).__name__}")
+    if concepts.ndim != 3: raise ValueError(f"{name}: concepts must have shape (B, C, H), "
+                                            f"got shape {tuple(concepts.shape)}")
     if pairwise and concepts.shape[1] < 2:
-        raise ValueError(f"{name}: compares concepts pairwise within a sample, needs C >= 2, got shape {tuple(concepts.shape)}")
+        raise ValueError(f"{name}: compares concepts pairwise within a sample, needs C >= 2, "
+                         f"got shape {tuple(concepts.shape)}")
     return concepts.float()
 
 def register_loss(name: str,  # registry key, used in `LossConfig.concept_losses`
@@ -34,7 +37,8 @@ def register_loss(name: str,  # registry key, used in `LossConfig.concept_losses
     def deco(fn):
         old = LOSS_REGISTRY.get(name)
         if old is not None and not overwrite and old.__qualname__ != fn.__qualname__:
-            raise ValueError(f"loss {name!r} is already registered ({old.__qualname__}); pass overwrite=True to replace it")
+            raise ValueError(f"loss {name!r} is already registered ({old.__qualname__}); "
+                             "pass overwrite=True to replace it")
         @functools.wraps(fn)
         def loss(concepts, *args, **params): return fn(_check(concepts, name, pairwise), *args, **params)
         loss.pairwise, loss.lower_bound = pairwise, lower_bound
@@ -44,7 +48,8 @@ def register_loss(name: str,  # registry key, used in `LossConfig.concept_losses
 
 def _unknown(kind, name, known):
     close = difflib.get_close_matches(str(name), list(known), n=3)
-    return ValueError(f"unknown {kind} {name!r}" + (f"; did you mean {close}?" if close else "") + f" Known: {sorted(known)}")
+    return ValueError(f"unknown {kind} {name!r}" + (f"; did you mean {close}?" if close else "")
+                      + f" Known: {sorted(known)}")
 
 def get_loss(name: str):  # a key of `LOSS_REGISTRY`
     "Look up a registered loss by name; unknown names raise a ValueError listing known names and close matches."
@@ -100,12 +105,14 @@ def _var_term(x, target_std=1.0, eps=1e-4):
     return F.relu(target_std - torch.sqrt(x.var(dim=-2) + eps)).mean()
 
 def _cov_term(x, correlation=False):
-    "VICReg covariance penalty for x (G, N, H), mean over groups; `correlation`: rank-aware penalty on correlations (see vicreg_per_sample)."
+    ("VICReg covariance penalty for x (G, N, H), mean over groups; `correlation`: "
+     "rank-aware penalty on correlations (see vicreg_per_sample).")
     n, h = x.shape[-2:]
     if n < 2: raise ValueError(f"covariance needs at least 2 rows, got {n}")
     x = x - x.mean(dim=-2, keepdim=True)
     cov = x.transpose(-1, -2) @ x / (n - 1)
-    if not correlation: return (cov.masked_fill(torch.eye(h, dtype=torch.bool, device=x.device), 0) ** 2).sum((-1, -2)).mean() / h
+    if not correlation: return (cov.masked_fill(torch.eye(h, dtype=torch.bool, device=x.device),
+                                                0) ** 2).sum((-1, -2)).mean() / h
     s = torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1) + 1e-8)
     r = cov / (s[..., :, None] * s[..., None, :])
     return ((r ** 2).sum((-1, -2)) - torch.diagonal(r, dim1=-2, dim2=-1).sum(-1) ** 2 / min(n - 1, h)).mean() / h
@@ -129,21 +136,25 @@ def vicreg(c, variance_weight: float = 1.0, covariance_weight: float = 1.0, eps:
     return variance_weight * _var_term(x, 1.0, eps) + covariance_weight * _cov_term(x)
 
 @register_loss('combined', pairwise=True, lower_bound=0.)
-def combined(c, variance_weight: float = 1.0, uniformity_weight: float = 1.0, temperature: float = 2.0, eps: float = 1e-4):
+def combined(c, variance_weight: float = 1.0, uniformity_weight: float = 1.0, temperature: float = 2.0,
+             eps: float = 1e-4):
     "variance_weight * variance (batch level) + uniformity_weight * uniformity (within sample)."
     return variance_weight * _var_term(_rows(c), 1.0, eps) + uniformity_weight * uniformity(c, temperature=temperature)
 
 # %% ../nbs/05_losses.ipynb #a0aa9b8b
 @register_loss('vicreg_per_sample', pairwise=True, lower_bound=0.)
-def vicreg_per_sample(c, variance_weight: float = 1.0, covariance_weight: float = 1.0, target_std: float = 1.0, eps: float = 1e-4,
-                      correlation: bool = True):  # rank-aware correlation penalty (default) or literal VICReg covariance
+def vicreg_per_sample(c, variance_weight: float = 1.0, covariance_weight: float = 1.0, target_std: float = 1.0,
+                      eps: float = 1e-4,
+                      # rank-aware correlation penalty (default) or literal VICReg covariance
+                      correlation: bool = True):
     "VICReg variance + covariance across the C concepts of each sample, averaged over the batch."
     return variance_weight * _var_term(c, target_std, eps) + covariance_weight * _cov_term(c, correlation)
 
 @register_loss('rank', pairwise=True, lower_bound=0.)
 def rank(c, normalize: bool = True,  # L2-normalise each concept before the SVD
          eps: float = 1e-7):  # added to p_k (RankMe)
-    "1 - normalised entropy effective rank of each sample's (C, H) concept matrix, averaged: 0 = full rank, 1 = rank one."
+    ("1 - normalised entropy effective rank of each sample's (C, H) concept matrix, averaged: 0 = full rank, "
+     "1 = rank one.")
     if c.shape[2] < 2: raise ValueError(f"rank: needs H >= 2, got shape {tuple(c.shape)}")
     s = torch.linalg.svdvals(F.normalize(c, dim=-1) if normalize else c)   # (B, K)
     p = s / s.sum(-1, keepdim=True).clamp_min(1e-12) + eps
@@ -165,7 +176,8 @@ def plot_loss_profile(names: list[str] | None = None,  # losses to show (default
     y = torch.arange(len(names)).float()
     for i, (k, v) in enumerate(vals.items()): ax.barh(y + 0.4 * i - 0.2, v, height=0.4, label=k)
     ax.set_yticks(y.tolist(), names); ax.invert_yaxis(); ax.axvline(0, color='k', lw=0.5)
-    ax.set_xlabel('loss value (lower is better)'); ax.legend(loc='best'); ax.set_title(f'concept losses, B={B} C={C} H={H}')
+    ax.set_xlabel('loss value (lower is better)'); ax.legend(loc='best')
+    ax.set_title(f'concept losses, B={B} C={C} H={H}')
     return fig
 
 # %% ../nbs/05_losses.ipynb #dccaa245
@@ -192,9 +204,11 @@ def _losses_list(x):
 @dataclass
 class LossConfig:
     "Which concept losses to add to the task loss and how to weight them."
-    concept_losses: list[str] = field(default_factory=list)  # registered loss names; a space-separated string or 'none' also works
+    # registered loss names; a space-separated string or 'none' also works
+    concept_losses: list[str] = field(default_factory=list)
     weighting: str = 'fixed'  # one of WEIGHTINGS
-    loss_weights: dict[str, float] | float = 0.1  # fixed/anchored: {name: w} (optionally 'task'); a float is split evenly over the concept losses
+    # fixed/anchored: {name: w} (optionally 'task'); a float is split evenly over the concept losses
+    loss_weights: dict[str, float] | float = 0.1
     loss_params: dict[str, dict] = field(default_factory=dict)  # {loss name: kwargs for that loss}
     uncertainty_bound: float = 3.0  # anchored_uncertainty: |s_k| <= bound, so weights stay within w_k * [e^-b, e^b]
     log_var_min: float = -6.0  # kendall_gal: every s_k = log sigma_k^2 is clamped to >= this (weights <= e^6 / 2 ~ 202)
@@ -202,39 +216,48 @@ class LossConfig:
     def __post_init__(self):
         self.concept_losses = _losses_list(self.concept_losses)
         for n in self.concept_losses: get_loss(n)
-        if len(set(self.concept_losses)) != len(self.concept_losses): raise ValueError(f"concept_losses has duplicates: {self.concept_losses}")
+        if len(set(self.concept_losses)) != len(self.concept_losses): raise ValueError("concept_losses has "
+                                                                                       "duplicates: "
+                                                                                       f"{self.concept_losses}")
         if self.weighting not in WEIGHTINGS: raise _unknown('weighting', self.weighting, WEIGHTINGS)
         w = self.loss_weights
         if isinstance(w, (int, float)):
             if w < 0: raise ValueError(f"loss_weights must be >= 0, got {w}")
             w = {'task': 1.0, **{n: w / len(self.concept_losses) for n in self.concept_losses}}
-        if not isinstance(w, dict): raise TypeError(f"loss_weights must be a float or a dict name -> float, got {type(w).__name__}")
+        if not isinstance(w, dict): raise TypeError("loss_weights must be a float or a dict name -> float, "
+                                                    f"got {type(w).__name__}")
         self.loss_weights = {k: float(v) for k, v in w.items()}
         for k, v in self.loss_weights.items():
-            if k != 'task' and k not in LOSS_REGISTRY: raise _unknown('loss in loss_weights', k, ['task', *LOSS_REGISTRY])
+            if k != 'task' and k not in LOSS_REGISTRY: raise _unknown('loss in loss_weights', k,
+                                                                      ['task', *LOSS_REGISTRY])
             if not v >= 0: raise ValueError(f"loss_weights[{k!r}] must be >= 0, got {v}")
         if self.weighting in ('fixed', 'anchored_uncertainty'):
             missing = [n for n in self.concept_losses if n not in self.loss_weights]
-            if missing: raise ValueError(f"weighting={self.weighting!r} needs a weight for every concept loss; missing {missing} in loss_weights={self.loss_weights}")
+            if missing: raise ValueError(f"weighting={self.weighting!r} needs a weight for every concept loss; missing "
+                                         f"{missing} in loss_weights={self.loss_weights}")
         for n, p in self.loss_params.items():
             sig = list(inspect.signature(get_loss(n)).parameters.values())[1:]
             if any(q.kind == q.VAR_KEYWORD for q in sig): continue
             bad = [k for k in p if k not in [q.name for q in sig]]
-            if bad: raise ValueError(f"loss_params[{n!r}]: unknown parameter(s) {bad}; {n} accepts {[q.name for q in sig]}")
-        if not self.uncertainty_bound > 0: raise ValueError(f"uncertainty_bound must be > 0, got {self.uncertainty_bound}")
+            if bad: raise ValueError(f"loss_params[{n!r}]: unknown parameter(s) {bad}; "
+                                     f"{n} accepts {[q.name for q in sig]}")
+        if not self.uncertainty_bound > 0: raise ValueError("uncertainty_bound must be > 0, "
+                                                            f"got {self.uncertainty_bound}")
         if not math.isfinite(self.log_var_min): raise ValueError(f"log_var_min must be finite, got {self.log_var_min}")
         _check_pairs(self.concept_losses, self.weighting, self.loss_params)
 
     @classmethod
     def from_flat(cls,
-                  concept_losses: str | list[str] = 'none',  # upstream --concept_losses: space-separated names or 'none'
+                  # upstream --concept_losses: space-separated names or 'none'
+                  concept_losses: str | list[str] = 'none',
                   loss_weighting: str = 'fixed',  # upstream --loss_weighting (upstream default: kendall_gal)
                   loss_weight: float = 0.1,  # upstream --loss_weight, split evenly over the concept losses
                   uniformity_temperature: float = 2.0,  # upstream --uniformity_temperature (uniformity and combined)
                   soft_ortho_threshold: float = 0.1):  # upstream --soft_ortho_threshold
         "Build from the upstream CLI argument names."
         names = _losses_list(concept_losses)
-        params = {'uniformity': dict(temperature=uniformity_temperature), 'combined': dict(temperature=uniformity_temperature),
+        params = {'uniformity': dict(temperature=uniformity_temperature),
+                  'combined': dict(temperature=uniformity_temperature),
                   'soft_orthogonality': dict(threshold=soft_ortho_threshold)}
         return cls(names, loss_weighting, loss_weight, {k: v for k, v in params.items() if k in names})
 

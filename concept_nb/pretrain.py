@@ -71,7 +71,8 @@ def load_preset(name:str, # preset name in configs/ (e.g. 'cpu-small') or a path
         raise ParamError(f"unknown preset {name!r}: not a YAML file and not in {presets_dir()} "
                          f"(available: {', '.join(list_presets()) or 'none'})")
     d = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(d, dict): raise ParamError(f"preset {p}: expected a flat mapping of parameters, got {type(d).__name__}")
+    if not isinstance(d, dict): raise ParamError(f"preset {p}: expected a flat mapping of parameters, "
+                                                 f"got {type(d).__name__}")
     try: return check_params(d, PRETRAIN_TYPES)
     except ParamError as e: raise ParamError(f"preset {p}: {e}") from None
 
@@ -98,8 +99,10 @@ def _init_rule(v):
 def _path_rule(what:str):
     "A rule for `data` / `tokenizer`: names and hub ids pass; a path-like value must exist."
     def rule(v):
-        if v.startswith(('.', '/', '~')) or Path(v).suffix.lower() in ('.txt', '.jsonl', '.json', '.csv', '.tsv', '.parquet'):
-            if not Path(v).expanduser().exists(): return f"{what} {v!r} does not exist (relative paths resolve from {Path.cwd()})"
+        if v.startswith(('.', '/', '~')) or Path(v).suffix.lower() in ('.txt', '.jsonl', '.json', '.csv', '.tsv',
+                                                                       '.parquet'):
+            if not Path(v).expanduser().exists(): return (f"{what} {v!r} does not exist (relative paths resolve from "
+                                                          f"{Path.cwd()})")
         return None
     return rule
 
@@ -216,8 +219,9 @@ def resolve_params(params:dict, # validated run parameters (missing names take `
     if H % p['num_attention_heads']:
         raise ParamError(f"hidden_size={H} is not divisible by num_attention_heads={p['num_attention_heads']}")
     if p['concept_num'] >= p['block_size']:
-        raise ParamError(f"concept_num={p['concept_num']} >= block_size={p['block_size']}: with at least as many concepts as "
-                         f"tokens there is no compression; lower concept_num or raise block_size")
+        raise ParamError(f"concept_num={p['concept_num']} >= block_size={p['block_size']}: "
+                         "with at least as many concepts as tokens there is no compression; "
+                         "lower concept_num or raise block_size")
     ortho = {'orthogonality', 'soft_orthogonality'} & set(p['concept_losses'].split())
     if ortho and p['concept_num'] > H:
         log(f"warning: {sorted(ortho)} cannot reach 0 with concept_num={p['concept_num']} > hidden_size={H}")
@@ -272,7 +276,8 @@ class BatchStream:
         if len(dataset) == 0: raise ValueError("dataset is empty: no rows to make batches from")
         if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if getattr(collator, 'seed', None) is not None:
-            raise ValueError("collator has its own seed: build it with seed=None so BatchStream controls its randomness")
+            raise ValueError("collator has its own seed: build it with seed=None so BatchStream controls its "
+                             "randomness")
         self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
         self.separate_decoder, self._perms = separate_decoder, {}
@@ -320,7 +325,8 @@ class BatchStream:
         if self.num_workers == 0:
             for g in itertools.count(start): yield self.batch(g, rank, world)
         else:
-            dl = torch.utils.data.DataLoader(_Indexed(self, rank, world), sampler=itertools.count(start), batch_size=None,
+            dl = torch.utils.data.DataLoader(_Indexed(self, rank, world), sampler=itertools.count(start),
+                                             batch_size=None,
                                              collate_fn=_identity, num_workers=self.num_workers, pin_memory=pin_memory)
             yield from dl
 
@@ -356,9 +362,11 @@ def collator_kwargs(params:dict) -> dict:
 def pretrain_model_config(params:dict, tokenizer) -> dict:
     "The `build_model` keyword arguments of resolved run parameters."
     p = params
-    ids = {f'{n}_token_id': getattr(tokenizer, f'{n}_token_id', None) for n in ('pad', 'mask', 'cls', 'sep', 'bos', 'eos', 'unk')}
+    ids = {f'{n}_token_id': getattr(tokenizer, f'{n}_token_id', None)
+           for n in ('pad', 'mask', 'cls', 'sep', 'bos', 'eos', 'unk')}
     return dict(vocab_size=len(tokenizer), concept_num=p['concept_num'], hidden_size=p['hidden_size'],
-                num_hidden_layers=p['num_hidden_layers'], num_attention_heads=p['num_attention_heads'] or max(1, min(8, p['hidden_size'] // 64)),
+                num_hidden_layers=p['num_hidden_layers'],
+                num_attention_heads=p['num_attention_heads'] or max(1, min(8, p['hidden_size'] // 64)),
                 intermediate_size=p['intermediate_size'] or 4 * p['hidden_size'],
                 token_embedding_dim=p['token_embedding_dim'] or None, use_bixt=p['use_bixt'],
                 num_iterations=p['num_iterations'] or None, concept_position_type=p['concept_position_type'],
@@ -369,7 +377,8 @@ def pretrain_model_config(params:dict, tokenizer) -> dict:
 def build_pretraining(params:dict, # resolved run parameters (see `resolve_params`)
                       log=print, # progress messages
                      ) -> tuple:
-    "(model, tokenizer, train_loader, eval_loader, loss_manager) for the run parameters; `init_from` warm-starts the encoder."
+    ("(model, tokenizer, train_loader, eval_loader, loss_manager) for the run parameters; "
+     "`init_from` warm-starts the encoder.")
     from accelerate.utils import set_seed
     p = {**PRETRAIN_DEFAULTS, **params}
     t0 = time.time()
@@ -384,7 +393,8 @@ def build_pretraining(params:dict, # resolved run parameters (see `resolve_param
         f"{time.time() - t0:.1f}s")
     coll = collator_for(p['objective'], tok, **collator_kwargs(p))
     sep = p['objective'] == 'prefix_diffusion'
-    train_loader = BatchStream(train_ds, coll, p['batch_size'], seed=p['seed'], num_workers=p['num_workers'], separate_decoder=sep)
+    train_loader = BatchStream(train_ds, coll, p['batch_size'], seed=p['seed'], num_workers=p['num_workers'],
+                               separate_decoder=sep)
     eval_loader = BatchStream(eval_ds, coll, p['eval_batch_size'] or p['batch_size'], seed=p['seed'] + 1, shuffle=False,
                               separate_decoder=sep)
     set_seed(p['seed'])                                   # initial weights are a function of the seed

@@ -255,7 +255,8 @@ def source_run_of(checkpoint:str # a run record, a folder inside one, a model fo
         m = DATE_RE.match(q.name)
         if m: return m.group(2)
     parts = [x for x in p.parts if x not in ('/', '.', '..')]
-    while len(parts) > 1 and (parts[-1] in ('model', 'checkpoints') or re.fullmatch(r'(step|checkpoint)-\d+', parts[-1])):
+    while len(parts) > 1 and (parts[-1] in ('model', 'checkpoints')
+                              or re.fullmatch(r'(step|checkpoint)-\d+', parts[-1])):
         parts.pop()
     return safe_name(parts[-1] if parts else str(checkpoint))
 
@@ -305,7 +306,8 @@ def record_failure(run_dir, # the run folder
                    is_main:bool=True, # only the main process writes
                    kind:str='pretrain', # the run kind (for a folder without a record yet)
                   ):
-    "On an exception inside the block: the record gets status 'failed' (or 'interrupted'), the error and the last checkpoint."
+    ("On an exception inside the block: the record gets status 'failed' (or 'interrupted'), "
+     "the error and the last checkpoint.")
     try: yield
     except BaseException as e:
         if is_main:

@@ -44,12 +44,15 @@ TASK_NAMES = {'cola': 'CoLA', 'sst2': 'SST-2', 'mrpc': 'MRPC', 'stsb': 'STS-B', 
               'sick_relatedness': 'SICK-R', 'sick_entailment': 'SICK-E', 'stsb_zero_shot': 'STS-B zero-shot',
               'sick_relatedness_zero_shot': 'SICK-R zero-shot'}
 METRIC_NAMES = {'accuracy': 'acc', 'f1': 'F1', 'mcc': 'MCC', 'pearson': 'Pearson', 'spearman': 'Spearman'}
-KEY_METRIC = {'cola': 'mcc', 'sst2': 'accuracy', 'mrpc': 'f1', 'stsb': 'pearson', 'qqp': 'f1', 'mnli_matched': 'accuracy',
-              'mnli_mismatched': 'accuracy', 'qnli': 'accuracy', 'rte': 'accuracy', 'wnli': 'accuracy', 'paws': 'accuracy',
+KEY_METRIC = {'cola': 'mcc', 'sst2': 'accuracy', 'mrpc': 'f1', 'stsb': 'pearson', 'qqp': 'f1',
+              'mnli_matched': 'accuracy',
+              'mnli_mismatched': 'accuracy', 'qnli': 'accuracy', 'rte': 'accuracy', 'wnli': 'accuracy',
+              'paws': 'accuracy',
               'sick_relatedness': 'pearson', 'sick_entailment': 'accuracy', 'stsb_zero_shot': 'spearman',
               'sick_relatedness_zero_shot': 'spearman'}
 _TASK_ALIASES = {re.sub(r'[^a-z0-9]', '', k): k for k in TASK_NAMES} | {
-    'sst': 'sst2', 'mnli': 'mnli_matched', 'mnlim': 'mnli_matched', 'mnlimm': 'mnli_mismatched', 'sickr': 'sick_relatedness',
+    'sst': 'sst2', 'mnli': 'mnli_matched', 'mnlim': 'mnli_matched', 'mnlimm': 'mnli_mismatched',
+    'sickr': 'sick_relatedness',
     'sicke': 'sick_entailment', 'stsbzeroshot': 'stsb_zero_shot', 'sickrzeroshot': 'sick_relatedness_zero_shot'}
 _METRIC_ALIASES = {'acc': 'accuracy', 'accuracy': 'accuracy', 'f1': 'f1', 'mcc': 'mcc', 'matthews': 'mcc',
                    'matthewscorrcoef': 'mcc', 'pearson': 'pearson', 'pearsonr': 'pearson', 'spearman': 'spearman',
@@ -100,7 +103,8 @@ def glue_scores(metrics:Mapping|None, # metrics of a GLUE run
     if best:
         b = {k: v for k, v in flatten(m).items() if any(s.startswith('best') for s in re.split(r'[/.]', k.lower()))}
         return _scores_from({re.sub(r'(^|/)best[_a-z]*(/|_|$)', r'\1', k): v for k, v in b.items()})
-    return _scores_from({k: v for k, v in flatten(m).items() if not any(s.startswith('best') for s in re.split(r'[/.]', k.lower()))})
+    return _scores_from({k: v for k, v in flatten(m).items()
+                         if not any(s.startswith('best') for s in re.split(r'[/.]', k.lower()))})
 
 def glue_protocol(metrics:Mapping|None, # metrics of a GLUE run
                  ) -> dict:
@@ -196,7 +200,8 @@ def _run_status(nb, pm_meta, cell, mj, rj=None) -> tuple[str, str|None]:
         if not err and nb is not None:
             for c in nb.cells:
                 for o in c.get('outputs', []):
-                    if o.get('output_type') == 'error': err = f"{o.get('ename')}: {(str(o.get('evalue')).splitlines() or [''])[0]}"
+                    if o.get('output_type') == 'error': err = (f"{o.get('ename')}: "
+                                                               f"{(str(o.get('evalue')).splitlines() or [''])[0]}")
         return 'failed', err
     if ms == 'interrupted' or (mj or {}).get('status') == 'interrupted': return 'interrupted', err
     gone = ('incomplete', 'process gone: killed before it finished') if _process_gone(rj) else ('running', None)
@@ -301,7 +306,8 @@ def read_run(path # a record (.ipynb) or its run folder
 
 # %% ../nbs/21_registry.ipynb #4e9b6c1e
 REGISTRY_COLUMNS = ['run_id', 'date', 'kind', 'status', 'run_name', 'model_type', 'hidden_size', 'num_layers',
-                    'concept_num', 'num_parameters', 'data', 'tokenizer', 'objective', 'machine', 'git_commit', 'steps', 'epochs',
+                    'concept_num', 'num_parameters', 'data', 'tokenizer', 'objective', 'machine', 'git_commit', 'steps',
+                    'epochs',
                     'concept_losses', 'loss_weighting', 'loss_weight', 'task_loss', 'effective_rank', 'mean_similarity',
                     'max_similarity', 'input_dependence', *_MLM_COLUMNS, 'steps_per_s', 'tokens_per_s', 'duration_s',
                     'start_time',
@@ -329,7 +335,8 @@ def _link_sources(df:pd.DataFrame):
             for part in Path(str(r.checkpoint or '')).parts[::-1]:
                 if part in by_id: sid = part; break
                 if part.endswith('.ipynb') and part[:-6] in by_id: sid = part[:-6]; break
-            if sid is None and r.source_run: sid = by_name.get(r.source_run) or (r.source_run if r.source_run in by_id else None)
+            if sid is None and r.source_run: sid = by_name.get(r.source_run) or (r.source_run if r.source_run in by_id
+                                                                                 else None)
         out.append(sid)
     df['source_run_id'] = out
 
@@ -337,7 +344,8 @@ def _sort_key(r) -> tuple: return (str(r.get('date') or ''), str(r.get('start_ti
 
 def load_registry(runs_dir='runs' # folder of run records
                  ) -> pd.DataFrame:
-    "One row per run record in `runs_dir` (completed, failed, running and incomplete), GLUE runs linked to their source."
+    ("One row per run record in `runs_dir` (completed, failed, running and incomplete), "
+     "GLUE runs linked to their source.")
     runs_dir = Path(runs_dir)
     rows = []
     if runs_dir.exists():
@@ -345,7 +353,8 @@ def load_registry(runs_dir='runs' # folder of run records
             try: rows.append(read_run(runs_dir/rid))
             except Exception as e:
                 rows.append(dict(run_id=rid, date=DATE_RE.match(rid).group(1), kind='unknown', status='incomplete',
-                                 run_name=DATE_RE.match(rid).group(2), error=f"{type(e).__name__}: {e}", glue={}, glue_best={}))
+                                 run_name=DATE_RE.match(rid).group(2), error=f"{type(e).__name__}: {e}", glue={},
+                                 glue_best={}))
     rows.sort(key=_sort_key)
     df = pd.DataFrame(rows, columns=REGISTRY_COLUMNS)
     for c in ('glue', 'glue_best', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config'):
@@ -394,5 +403,6 @@ def seed_group(df:pd.DataFrame, run_id:str) -> list[str]:
     return next((ids for ids in group_seeds(df).values() if run_id in ids), [run_id])
 
 def config_of(run) -> str:
-    "The configuration `run` (a registry row) is one seed of: `config_key` of its parameters. Sweeps and reports use it."
+    ("The configuration `run` (a registry row) is one seed of: `config_key` of its parameters. "
+     "Sweeps and reports use it.")
     return config_key(run_params(run))

@@ -48,7 +48,8 @@ def _v(r, k):
 
 def _arch(r) -> str:
     H, L, C = (_v(r, k) for k in ('hidden_size', 'num_layers', 'concept_num'))
-    hlc = ' '.join(f"{a}{int(b) if isinstance(b, float) else b}" for a, b in (('H', H), ('L', L), ('C', C)) if b is not None)
+    hlc = ' '.join(f"{a}{int(b) if isinstance(b, float) else b}" for a, b in (('H', H), ('L', L), ('C', C))
+                   if b is not None)
     n = _v(r, 'num_parameters')
     size = f"({n / 1e6:.2f}M)" if n else ''
     return ' '.join(x for x in (str(_v(r, 'model_type') or ''), hlc, size) if x)
@@ -85,7 +86,8 @@ def _beside(t:str, m:str, sizes:Mapping|None, majority:Mapping|None) -> str:
     return f" ({'; '.join(p for p in parts if p)})" if any(parts) else ''
 
 def _score_str(scores:Mapping, key_only:bool=True, sizes:Mapping|None=None, majority:Mapping|None=None) -> str:
-    items = sorted(scores.items(), key=lambda kv: (list(TASK_NAMES).index(kv[0][0]) if kv[0][0] in TASK_NAMES else 99, kv[0][1]))
+    items = sorted(scores.items(),
+                   key=lambda kv: (list(TASK_NAMES).index(kv[0][0]) if kv[0][0] in TASK_NAMES else 99, kv[0][1]))
     if key_only: items = [kv for kv in items if KEY_METRIC.get(kv[0][0]) == kv[0][1]] or items
     return ', '.join(f"{TASK_NAMES.get(t, t)} {METRIC_NAMES.get(m, m)} {_fmt(v, 1)}{_beside(t, m, sizes, majority)}"
                      for (t, m), v in items)
@@ -98,7 +100,8 @@ def linked_glue(df:pd.DataFrame, # registry
                 run_id:str, # a pretraining run id
                 control:str|None=None, # None: the pretrained model's scores; 'random_init': its untrained control's
                ) -> dict:
-    "GLUE scores of the completed GLUE runs on `run_id`: per task the latest, never a smaller dev set's (`latest_glue`)."
+    ("GLUE scores of the completed GLUE runs on `run_id`: per task the latest, "
+     "never a smaller dev set's (`latest_glue`).")
     return latest_glue(_linked_rows(df, run_id, control))
 
 def _sizes(x) -> dict: return glue_sizes(x.metrics)   # {task: (n_train, n_dev)} of a registry row
@@ -133,15 +136,17 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
     "The experiment log as markdown: one row per run with the seed's columns; deterministic."
     rows = sorted((r for _, r in df.iterrows()), key=_sort_key) if len(df) else []
     lines = [f"# {title}", '',
-             "Generated from the run records by `python -m concept_nb.runs experiment-log`: edit the records, not this file.",
-             "Task loss is the final held-out loss of the pretraining objective; effective rank is the global effective "
-             "rank of the concept vectors / C; input dependence is the share of the concept variance that changes "
-             "with the input (0: the same concepts for every input; blank in records from before it was logged); "
-             "GLUE scores (x100, final epoch) come from the completed GLUE runs linked to each pretraining run. "
-             "Below context-free floor: the context-free floor minus the held-out MLM loss at [MASK]-replaced "
-             "positions, ± its standard error (positive: the model uses context; '—': not an MLM run or a record from "
-             "before it was logged).",
-             "Sweep runs show their sweep id / configuration hash; the seeds of a configuration are listed together.", '']
+             "Generated from the run records by `python -m concept_nb.runs experiment-log`: edit the records, "
+             "not this file.",
+             "Task loss is the final held-out loss of the pretraining objective; "
+             "effective rank is the global effective rank of the concept vectors / C; input dependence is the share of "
+             "the concept variance that changes with the input (0: the same concepts for every input; blank in records "
+             "from before it was logged); GLUE scores (x100, final epoch) come from the completed GLUE runs linked to "
+             "each pretraining run. Below context-free floor: the context-free floor minus the held-out MLM loss at "
+             "[MASK]-replaced positions, ± its standard error (positive: the model uses context; '—': "
+             "not an MLM run or a record from before it was logged).",
+             "Sweep runs show their sweep id / configuration hash; the seeds of a configuration are listed together.",
+             '']
     pre = _by_config([r for r in rows if r.kind == 'pretrain'])
     lines += ['## Pretraining runs', '']
     if pre:
@@ -170,7 +175,8 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
     if other:
         lines += ['', '## Other records', '',
                   md_table(['date', 'run id', 'status', 'problem', 'record'],
-                           [[_v(r, 'date'), r.run_id, r.status, _v(r, 'error'), _link(_v(r, 'record'), rel_to)] for r in other])]
+                           [[_v(r, 'date'), r.run_id, r.status, _v(r, 'error'), _link(_v(r, 'record'), rel_to)]
+                            for r in other])]
     return '\n'.join(lines) + '\n'
 
 def write_experiment_log(runs_dir='runs', # folder of run records
@@ -228,7 +234,8 @@ def seeds_section(df:pd.DataFrame) -> str:
     by = df.set_index('run_id')
     rows = [[', '.join(by.loc[i, 'run_name'] for i in ids), len(ids),
              _pm(*_seed_stats(by.loc[i].get('task_loss') for i in ids)[:2]),
-             _pm(*_seed_stats(by.loc[i].get('below_floor_masked') for i in ids)[:2]), _seed_glue(df, ids)] for ids in groups]
+             _pm(*_seed_stats(by.loc[i].get('below_floor_masked') for i in ids)[:2]), _seed_glue(df, ids)]
+            for ids in groups]
     return md_table(['seeds of one configuration', 'n', 'task loss', 'below context-free floor (nats)',
                      'GLUE (mean ± sd over pretraining seeds)'], rows)
 
@@ -270,7 +277,8 @@ def _norm_baseline(tbl) -> dict:
 
 def glue_baselines(names:Sequence[str]|None=None # baseline names (default: concept_nb.glue_metrics.DEFAULT_BASELINES)
                   ) -> dict:
-    "Baseline GLUE scores from `concept_nb.glue_metrics` as {name: {(task, metric): score}}, BERT-base first; {} without it."
+    ("Baseline GLUE scores from `concept_nb.glue_metrics` as {name: {(task, metric): score}}, BERT-base first; "
+     "{} without it.")
     base = _norm_baseline(BASELINES)
     names = list(names) if names is not None else list(DEFAULT_BASELINES)
     return {n: base[n] for n in names if n in base}
@@ -290,7 +298,8 @@ def _resolve_runs(runs, runs_dir) -> tuple[list, pd.DataFrame]:
         hit = df[(df.run_id == key) | (df.run_name == key) | (df.run_id == s) | (df.run_name == s)]
         if hit.empty:
             close = difflib.get_close_matches(key, list(df.run_id) + list(df.run_name), n=1)
-            raise FileNotFoundError(f"run {s!r} not found in {runs_dir}" + (f" (did you mean {close[0]!r}?)" if close else ''))
+            raise FileNotFoundError(f"run {s!r} not found in {runs_dir}"
+                                    + (f" (did you mean {close[0]!r}?)" if close else ''))
         out.append(hit.iloc[-1])
     return out, df
 
@@ -325,7 +334,8 @@ def compare_tables(runs, # run ids, run names or record paths
         else:
             scores.append(linked_glue(df, r.run_id)); pres.append(r)
     keys = sorted({k for s in scores for k in s},
-                  key=lambda k: (list(TASK_NAMES).index(k[0]) if k[0] in TASK_NAMES else 99, list(METRIC_NAMES).index(k[1])))
+                  key=lambda k: (list(TASK_NAMES).index(k[0]) if k[0] in TASK_NAMES else 99,
+                                 list(METRIC_NAMES).index(k[1])))
     refs = [n for n in base][:1] + [n for n in base if 'bert' not in n.lower()][:1]
     refs = list(dict.fromkeys(refs))
     ctl = [f"{lab} zero-concepts control" for lab, c in zip(labels, control) if c]
@@ -368,7 +378,8 @@ def compare_tables(runs, # run ids, run names or record paths
     return results, summary
 
 def _df_md(df:pd.DataFrame, nd:int=2) -> str:
-    return md_table(list(df.columns), [[_fmt(x, nd) if isinstance(x, float) else x for x in r] for r in df.itertuples(index=False)])
+    return md_table(list(df.columns),
+                    [[_fmt(x, nd) if isinstance(x, float) else x for x in r] for r in df.itertuples(index=False)])
 
 def compare(runs, # run ids, run names or record paths
             runs_dir='runs', # registry folder
@@ -378,11 +389,12 @@ def compare(runs, # run ids, run names or record paths
     results, summary = compare_tables(runs, runs_dir, baselines)
     out = ['## Results vs Baselines', '']
     if len(results):
-        out += ["GLUE dev scores x100. Run columns: final epoch (the headline; best-epoch scores are in each GLUE record). "
-                "`<run> protocol, n_train/all`: how each task was fine-tuned (standard: all of train, no selection "
-                "slice; selection: a slice of train held out) and the train examples fitted / the whole train split. "
-                "Baseline columns fitted all of train: BERT-base reports its last epoch; seed columns the best dev "
-                "epoch of one seed, as upstream reported them, so they flatter the seeds. "
+        out += ["GLUE dev scores x100. Run columns: final epoch (the headline; "
+                "best-epoch scores are in each GLUE record). `<run> protocol, n_train/all`: how each task was "
+                "fine-tuned (standard: all of train, no selection slice; selection: a slice of train held out) and the "
+                "train examples fitted / the whole train split. Baseline columns fitted all of train: BERT-base "
+                "reports its last epoch; seed columns the best dev epoch of one seed, as upstream reported them, "
+                "so they flatter the seeds. "
                 + ("`<run> zero-concepts control`: the same via_decoder head (token queries) and seeds fine-tuned on "
                    "zeros instead of the concepts. " if results.attrs.get('controls') else '')
                 + "Δ = run − baseline: positive is better.", '', _df_md(results, 2)]
@@ -484,7 +496,8 @@ def _differences_md(df:pd.DataFrame, pre:list) -> list[str]:
             f"Pretraining seeds per run: {', '.join(f'{r.run_name} {n}' for r, n in zip(pre, seeds, strict=True))}.")
     if len(pre) < 2: return ['', note]
     d = run_differences(df, pre)
-    return ['', '## Differences between runs', '', note + " Noise: the seed sd, 2 x the combined SE of held-out losses, "
+    return ['', '## Differences between runs', '',
+            note + " Noise: the seed sd, 2 x the combined SE of held-out losses, "
             "or the larger fine-tuning sd; a difference no larger than it is marked within noise.", '',
             _df_md(d, 3) if len(d) else 'No quantity is known for both runs.']
 
@@ -499,7 +512,8 @@ def plot_compare(runs, # run ids, run names or record paths
     series = [c for c in results.columns if c not in ('task', 'metric', *results.attrs.get('train_columns', []))
               and not str(c).startswith('Δ ')]
     if ax is None:
-        fig = Figure(figsize=(max(5, 1.3 * max(1, len(results)) + 2), 3.6), layout='constrained'); ax = fig.add_subplot()
+        fig = Figure(figsize=(max(5, 1.3 * max(1, len(results)) + 2), 3.6), layout='constrained')
+        ax = fig.add_subplot()
     else: fig = ax.figure
     if results.empty:
         ax.text(0.5, 0.5, 'no GLUE scores for these runs', ha='center', va='center'); ax.set_axis_off(); return fig
@@ -537,7 +551,8 @@ def plot_rank_vs_glue(df:pd.DataFrame, # registry (`load_registry`)
         return e / float(C) if e is not None and C else None
     seed_glue = glue_baselines([sp['glue'] for sp in SEED_PRETRAIN.values()]) if seeds else {}
     n = 0
-    for a, (key, lab) in zip(axs, (('rank_ratio', 'effective rank / C'), ('mean_similarity', 'mean concept similarity'))):
+    for a, (key, lab) in zip(axs, (('rank_ratio', 'effective rank / C'),
+                                   ('mean_similarity', 'mean concept similarity'))):
         for name, r, s in pts:
             x, y = xval(r, key), s.get((task, metric))
             if x is None or y is None: continue
@@ -549,8 +564,10 @@ def plot_rank_vs_glue(df:pd.DataFrame, # registry (`load_registry`)
                 if y is None: continue
                 x = xval(sp, key)
                 a.scatter([x], [y], marker='x', color='tab:red')
-                a.annotate(name.replace('seed ', ''), (x, y), fontsize=6, color='tab:red', xytext=(3, -8), textcoords='offset points')
-        a.set_xlabel(lab); a.set_ylabel(f"{TASK_NAMES.get(task, task)} {METRIC_NAMES.get(metric, metric)}"); a.grid(alpha=0.3)
+                a.annotate(name.replace('seed ', ''), (x, y), fontsize=6, color='tab:red', xytext=(3, -8),
+                           textcoords='offset points')
+        a.set_xlabel(lab); a.set_ylabel(f"{TASK_NAMES.get(task, task)} {METRIC_NAMES.get(metric, metric)}")
+        a.grid(alpha=0.3)
     if n == 0: axs[0].set_title('no pretraining run has both geometry and a GLUE score yet', fontsize=8)
     else: fig.suptitle('Concept geometry vs GLUE (blue: runs, red x: upstream seeds)', fontsize=9)
     return fig

@@ -174,8 +174,8 @@ def cross_check(kind:str, # 'pretrain' or 'glue'
         missing_task_data(task_list(full.get('tasks')), full.get('glue_dir') or None)   # no data: stop here
     ck = str(full.get('checkpoint') or '') if kind == 'glue' else ''
     if ck and (os.path.isabs(ck) or ck.startswith(('.', '~', 'runs/'))) and not Path(ck).expanduser().exists():
-        raise ParamError(f"parameter 'checkpoint': {ck!r} does not exist; pass a run folder (runs/<run>), a saved model "
-                         "folder or a hub id")
+        raise ParamError(f"parameter 'checkpoint': {ck!r} does not exist; pass a run folder (runs/<run>), "
+                         f"a saved model folder or a hub id")
 
 def launch_params(kind:str, # 'pretrain' or 'glue' (selects the rules)
                    params:Mapping|None=None, # explicit values (win over the preset)

@@ -52,12 +52,14 @@ _NLI3 = ('entailment', 'neutral', 'contradiction')
 _NLI2 = ('entailment', 'not_entailment')
 
 def _mnli(which:str) -> TaskSpec:
-    return TaskSpec(f'mnli_{which}', _GLUE, 'mnli', 'MNLI', ('sentence1', 'sentence2'), 'gold_label', 3, ('accuracy',), 'accuracy',
+    return TaskSpec(f'mnli_{which}', _GLUE, 'mnli', 'MNLI', ('sentence1', 'sentence2'), 'gold_label', 3, ('accuracy',),
+                    'accuracy',
                     {'train': 'train.tsv', 'validation': f'dev_{which}.tsv', 'test': f'test_{which}.tsv'}, _NLI3,
                     hub_text_columns=('premise', 'hypothesis'),
                     hub_splits={'train': 'train', 'validation': f'validation_{which}', 'test': f'test_{which}'})
 
-def _sick(name:str, label_column:str, num_labels:int, metrics:tuple, hub_label:str, label_names=None, aliases=()) -> TaskSpec:
+def _sick(name:str, label_column:str, num_labels:int, metrics:tuple, hub_label:str, label_names=None,
+          aliases=()) -> TaskSpec:
     return TaskSpec(name, 'RobZamp/sick', None, 'SICK', ('sentence_A', 'sentence_B'), label_column, num_labels, metrics,
                     metrics[0], dict.fromkeys(('train', 'validation', 'test'), 'SICK.txt'), label_names,
                     hub_label_column=hub_label, hub_revision='refs/convert/parquet', split_column='SemEval_set',
@@ -69,22 +71,28 @@ TASKS = {t.name: t for t in [
     TaskSpec('cola', _GLUE, 'cola', 'CoLA', ('sentence',), 'label', 2, ('mcc', 'accuracy'), 'mcc', _TRAIN_DEV_TEST,
              columns=('source', 'label', 'label_notes', 'sentence')),
     TaskSpec('sst2', _GLUE, 'sst2', 'SST-2', ('sentence',), 'label', 2, ('accuracy',), 'accuracy', _TRAIN_DEV_TEST),
-    TaskSpec('mrpc', _GLUE, 'mrpc', 'MRPC', ('#1 String', '#2 String'), 'Quality', 2, ('accuracy', 'f1'), 'f1', _TRAIN_DEV_TEST,
+    TaskSpec('mrpc', _GLUE, 'mrpc', 'MRPC', ('#1 String', '#2 String'), 'Quality', 2, ('accuracy', 'f1'), 'f1',
+             _TRAIN_DEV_TEST,
              hub_text_columns=('sentence1', 'sentence2')),
     TaskSpec('stsb', _GLUE, 'stsb', 'STS-B', ('sentence1', 'sentence2'), 'score', 1, ('pearson', 'spearman'), 'pearson',
              _TRAIN_DEV_TEST),
-    TaskSpec('qqp', _GLUE, 'qqp', 'QQP', ('question1', 'question2'), 'is_duplicate', 2, ('accuracy', 'f1'), 'f1', _TRAIN_DEV_TEST),
+    TaskSpec('qqp', _GLUE, 'qqp', 'QQP', ('question1', 'question2'), 'is_duplicate', 2, ('accuracy', 'f1'), 'f1',
+             _TRAIN_DEV_TEST),
     _mnli('matched'), _mnli('mismatched'),
-    TaskSpec('qnli', _GLUE, 'qnli', 'QNLI', ('question', 'sentence'), 'label', 2, ('accuracy',), 'accuracy', _TRAIN_DEV_TEST, _NLI2),
-    TaskSpec('rte', _GLUE, 'rte', 'RTE', ('sentence1', 'sentence2'), 'label', 2, ('accuracy',), 'accuracy', _TRAIN_DEV_TEST, _NLI2),
-    TaskSpec('wnli', _GLUE, 'wnli', 'WNLI', ('sentence1', 'sentence2'), 'label', 2, ('accuracy',), 'accuracy', _TRAIN_DEV_TEST),
+    TaskSpec('qnli', _GLUE, 'qnli', 'QNLI', ('question', 'sentence'), 'label', 2, ('accuracy',), 'accuracy',
+             _TRAIN_DEV_TEST, _NLI2),
+    TaskSpec('rte', _GLUE, 'rte', 'RTE', ('sentence1', 'sentence2'), 'label', 2, ('accuracy',), 'accuracy',
+             _TRAIN_DEV_TEST, _NLI2),
+    TaskSpec('wnli', _GLUE, 'wnli', 'WNLI', ('sentence1', 'sentence2'), 'label', 2, ('accuracy',), 'accuracy',
+             _TRAIN_DEV_TEST),
     TaskSpec('paws', 'google-research-datasets/paws', 'labeled_final', 'PAWS', ('sentence1', 'sentence2'), 'label', 2,
              ('accuracy', 'f1'), 'accuracy', _TRAIN_DEV_TEST),
     _sick('sick_relatedness', 'relatedness_score', 1, ('pearson', 'spearman'), 'relatedness_score'),
     _sick('sick_entailment', 'entailment_label', 3, ('accuracy',), 'label', _NLI3, ('entailment_judgment',)),
 ]}
 _TASK_ALIASES = {'mnli': 'mnli_matched', 'mnli_m': 'mnli_matched', 'mnli_mm': 'mnli_mismatched', 'sts_b': 'stsb',
-                 'sst_2': 'sst2', 'sick_r': 'sick_relatedness', 'sick_e': 'sick_entailment', 'paws_labeled_final': 'paws'}
+                 'sst_2': 'sst2', 'sick_r': 'sick_relatedness', 'sick_e': 'sick_entailment',
+                 'paws_labeled_final': 'paws'}
 
 # %% ../nbs/10_tasks.ipynb #6d36d15e
 def task_names() -> list[str]:
@@ -110,13 +118,14 @@ def _task_root(source) -> str|Path:
     if source is None: source = os.environ.get('CONCEPT_NB_GLUE_DIR')
     if source is None:
         raise ValueError("no task data source: pass source='/path/to/glue_data' (a folder in the GLUE layout, "
-                         "<dir>/<TASK>/train.tsv, dev.tsv, ...), set the environment variable CONCEPT_NB_GLUE_DIR to such a "
-                         "folder, or pass source='hub' to load from the Hugging Face hub")
+                         "<dir>/<TASK>/train.tsv, dev.tsv, ...), set the environment variable CONCEPT_NB_GLUE_DIR to "
+                         "such a folder, or pass source='hub' to load from the Hugging Face hub")
     if str(source) == 'hub': return 'hub'
     root = Path(source).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"task data folder {root} does not exist (from source= or $CONCEPT_NB_GLUE_DIR); point it at "
-                                "a folder in the GLUE layout (<dir>/<TASK>/train.tsv, dev.tsv, ...) or use source='hub'")
+        raise FileNotFoundError(f"task data folder {root} does not exist (from source= or $CONCEPT_NB_GLUE_DIR); "
+                                "point it at a folder in the GLUE layout (<dir>/<TASK>/train.tsv, dev.tsv, "
+                                "...) or use source='hub'")
     return root
 
 def _task_dir(root:Path, spec:TaskSpec) -> Path:
@@ -126,20 +135,21 @@ def _task_dir(root:Path, spec:TaskSpec) -> Path:
     for c in sorted(root.iterdir()):
         if c.is_dir() and norm(c.name) == norm(spec.local_dir): return c
     have = sorted(c.name for c in root.iterdir() if c.is_dir())
-    raise FileNotFoundError(f"task {spec.name!r}: folder {d} does not exist (found {have}). Put the {spec.local_dir} files "
-                            f"there ({', '.join(sorted(set(spec.split_files.values())))}), or use source='hub'.")
+    raise FileNotFoundError(f"task {spec.name!r}: folder {d} does not exist (found {have}). "
+                            f"Put the {spec.local_dir} files there "
+                            f"({', '.join(sorted(set(spec.split_files.values())))}), or use source='hub'.")
 
 def _parse_label(spec:TaskSpec, value:str, where:str):
     v = value.strip()
     if spec.is_regression:
         try: return float(v)
-        except ValueError: raise TaskDataError(f"{where}: label {value!r} in column {spec.label_column!r} is not a number; "
-                                               "fix or remove the line, or re-download the file") from None
+        except ValueError: raise TaskDataError(f"{where}: label {value!r} in column {spec.label_column!r} is not a "
+                                               f"number; fix or remove the line, or re-download the file") from None
     if spec.label_names is not None:
         names = [n.lower() for n in spec.label_names]
         if v.lower() in names: return names.index(v.lower())
-        raise TaskDataError(f"{where}: label {value!r} in column {spec.label_column!r} is not one of {list(spec.label_names)}; "
-                            "fix or remove the line, or re-download the file")
+        raise TaskDataError(f"{where}: label {value!r} in column {spec.label_column!r} is not one of "
+                            f"{list(spec.label_names)}; fix or remove the line, or re-download the file")
     try: lab = int(v)
     except ValueError: lab = None
     if lab is None or not 0 <= lab < spec.num_labels:
@@ -161,8 +171,8 @@ def _read_task_file(spec:TaskSpec, path:Path, split:str) -> dict:
     by_column = spec.split_column is not None and path.name == spec.split_files[split]   # one file for all splits
     missing = [c for c in (*spec.text_columns, *([spec.split_column] if by_column else [])) if c not in header]
     if missing:
-        raise TaskDataError(f"{path}, line 1: header {header} lacks column(s) {missing} of task {spec.name!r}; is this the "
-                            f"right file? Expected the original {spec.local_dir} layout.")
+        raise TaskDataError(f"{path}, line 1: header {header} lacks column(s) {missing} of task {spec.name!r}; "
+                            f"is this the right file? Expected the original {spec.local_dir} layout.")
     label_col = next((c for c in (spec.label_column, *spec.label_aliases) if c in header), spec.label_column)
     labelled = label_col in header
     if not labelled and split != 'test':
@@ -177,9 +187,9 @@ def _read_task_file(spec:TaskSpec, path:Path, split:str) -> dict:
         if not row or row == ['']: return   # blank line (e.g. a trailing one)
         where = f"{path}, line {line}"
         if len(row) != len(header):
-            raise TaskDataError(f"{where}: expected {len(header)} tab-separated fields ({', '.join(header)}), got {len(row)}. "
-                                "The file is truncated, was edited, or is not in the original layout; re-download it or "
-                                "fix/remove that line.")
+            raise TaskDataError(f"{where}: expected {len(header)} tab-separated fields ({', '.join(header)}), "
+                                f"got {len(row)}. The file is truncated, was edited, or is not in the original layout; "
+                                f"re-download it or fix/remove that line.")
         if si is not None and row[si] != sv: return
         for k, i in enumerate(ti): out[f'sentence{k+1}'].append(row[i])
         out['label'].append(_parse_label(spec, row[li], where) if labelled else (-1.0 if spec.is_regression else -1))
@@ -196,11 +206,13 @@ def _task_features(spec:TaskSpec) -> datasets.Features:
 
 # %% ../nbs/10_tasks.ipynb #dd27668d
 def _hub_task(spec:TaskSpec, split:str, **kwargs) -> Dataset:
-    try: ds = datasets.load_dataset(spec.hub_path, spec.hub_config, split=spec.hub_splits[split], revision=spec.hub_revision, **kwargs)
+    try: ds = datasets.load_dataset(spec.hub_path, spec.hub_config, split=spec.hub_splits[split],
+                                    revision=spec.hub_revision, **kwargs)
     except Exception as e:
         raise RuntimeError(f"could not load task {spec.name!r} from the Hugging Face hub ({spec.hub_path}, config "
-                           f"{spec.hub_config}, split {spec.hub_splits[split]}): {type(e).__name__}: {e}. Without network "
-                           "access, pass source= a local folder in the GLUE layout or set CONCEPT_NB_GLUE_DIR.") from e
+                           f"{spec.hub_config}, split {spec.hub_splits[split]}): {type(e).__name__}: {e}. "
+                           "Without network access, pass source= a local folder in the GLUE layout or set "
+                           "CONCEPT_NB_GLUE_DIR.") from e
     cols = spec.hub_text_columns or spec.text_columns
     data = {f'sentence{k+1}': ds[c] for k, c in enumerate(cols)}
     data['label'] = ds[spec.hub_label_column]

@@ -72,7 +72,8 @@ class TrainConfig:
     steps:int=_D['steps']; epochs:float=_D['epochs']; lr:float=_D['lr']; weight_decay:float=_D['weight_decay']
     warmup_steps:int=_D['warmup_steps']; schedule:str=_D['schedule']; max_grad_norm:float=_D['max_grad_norm']
     grad_accum:int=_D['grad_accum']; log_every:int=_D['log_every']; eval_every:int=_D['eval_every']
-    eval_batches:int=_D['eval_batches']; final_eval_batches:int=_D['final_eval_batches']; save_every:int=_D['save_every']; keep_checkpoints:int=_D['keep_checkpoints']
+    eval_batches:int=_D['eval_batches']; final_eval_batches:int=_D['final_eval_batches']
+    save_every:int=_D['save_every']; keep_checkpoints:int=_D['keep_checkpoints']
     mixed_precision:str=_D['mixed_precision']; compile:bool=_D['compile']; device:str=_D['device']
     cpu_threads:int=_D['cpu_threads']; seed:int=_D['seed']; resume_from:str=_D['resume_from']
     run_name:str=_D['run_name']; wandb_mode:str=_D['wandb_mode']; progress:bool=_D['progress']
@@ -172,11 +173,13 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
                     if getattr(out, b, None) is not None: vals[f'eval_{b}'] = getattr(out, b).float()
                 if loss_manager is not None and getattr(loss_manager, 'names', None):
                     _, br = loss_manager(out.loss.float(), out.concepts)
-                    vals.update({f'eval/{k2}': torch.tensor(v) for k2, v in br.items() if k2.startswith('loss/') and k2 != 'loss/total'})
+                    vals.update({f'eval/{k2}': torch.tensor(v) for k2, v in br.items() if k2.startswith('loss/')
+                                 and k2 != 'loss/total'})
                 for k2, v in vals.items(): sums[k2] = sums.get(k2, 0.) + v.detach().float().cpu()
                 if out.concepts is None: continue                      # a model without concepts (baselines)
                 c = out.concepts.float()
-                concepts.append((accelerator.gather(c.contiguous()) if accelerator is not None and world > 1 else c).cpu())
+                concepts.append((accelerator.gather(c.contiguous()) if accelerator is not None and world > 1
+                                 else c).cpu())
     finally: model.train(was)
     keys = sorted(sums)
     v = torch.stack([sums[k] / n_batches for k in keys])
@@ -195,7 +198,8 @@ def _tags(params:dict|None) -> list[str]:
     if not params: return []
     p = params
     return [t for t in (p.get('model_type'), p.get('objective') and f"objective:{p['objective']}",
-                        p.get('concept_losses') is not None and f"losses:{'+'.join(p['concept_losses'].split()) or 'none'}",
+                        p.get('concept_losses') is not None
+                        and f"losses:{'+'.join(p['concept_losses'].split()) or 'none'}",
                         p.get('loss_weighting') and f"weighting:{p['loss_weighting']}",
                         p.get('loss_weight') is not None and f"concept_w:{p['loss_weight']}",
                         p.get('data') and f"data:{p['data']}") if t]
@@ -287,7 +291,8 @@ def restore(loop:Loop, ckpt:Path|None, log=print) -> LoopState:
     rf = ckpt / f'rng_state_{rank}.pt'
     if rf.exists(): set_rng_state(torch.load(rf, weights_only=True))
     elif loop.is_main: log(f"warning: {rf.name} missing (world size changed?): resume is not bit-exact")
-    return LoopState(step=s['step'], micro_batches=g, tokens_total=s.get('tokens_total', 0), train_s=s.get('train_s', 0.),
+    return LoopState(step=s['step'], micro_batches=g, tokens_total=s.get('tokens_total', 0),
+                     train_s=s.get('train_s', 0.),
                      window=s.get('window', {}), last_checkpoint=str(ckpt))
 
 # %% ../nbs/17_train.ipynb #loop0006
@@ -304,8 +309,9 @@ def start_records(loop:Loop, ckpt:Path|None, params:dict|None=None, log=print) -
     if ckpt is not None: rec.line(f"resumed from {ckpt} at step {st.step} (micro-batch {st.micro_batches})")
     nparams = sum(q.numel() for q in loop.model.parameters())
     rec.line(f"training {type(loop.model).__name__} ({nparams / 1e6:.2f}M parameters) for {loop.steps} steps on "
-             f"{loop.world} x {loop.acc.device.type} ({loop.acc.mixed_precision}), batch {loop.train_data.batch_size} x "
-             f"{cfg.grad_accum} accum x {loop.world} processes, lr {cfg.lr:g} {cfg.schedule} warmup {cfg.warmup_steps}")
+             f"{loop.world} x {loop.acc.device.type} ({loop.acc.mixed_precision}), "
+             f"batch {loop.train_data.batch_size} x {cfg.grad_accum} accum x {loop.world} processes, lr {cfg.lr:g} "
+             f"{cfg.schedule} warmup {cfg.warmup_steps}")
     from tqdm.auto import tqdm
     loop.bar = tqdm(total=loop.steps, initial=st.step, disable=not (cfg.progress and main), desc='train',
                     dynamic_ncols=True)
@@ -347,7 +353,8 @@ def accumulate(loop:Loop) -> dict:
                       torch.tensor([br_sum[k] for k in bk], device=loss_sum.device)])   # (3 + breakdown,)
     if loop.world > 1: vals = acc.reduce(vals, 'mean')       # every process logs (and checks) the same numbers
     loss, task_loss, nelbo_v, *brv = vals.tolist()
-    r = dict(loss=loss, task_loss=task_loss, grad_norm=float(gn), tokens=ntok, **{'br/' + k: v for k, v in zip(bk, brv)})
+    r = dict(loss=loss, task_loss=task_loss, grad_norm=float(gn), tokens=ntok,
+             **{'br/' + k: v for k, v in zip(bk, brv)})
     if nelbo_sum is not None: r['recon_nelbo'] = nelbo_v
     return r
 
@@ -443,7 +450,8 @@ def _closing(loop:Loop):
     wb = loop.rec.wb
     try: yield
     except BaseException as e:
-        if isinstance(e, KeyboardInterrupt): e.step = loop.state.step   # `record_failure` records where Ctrl-C stopped it
+        # `record_failure` records where Ctrl-C stopped it
+        if isinstance(e, KeyboardInterrupt): e.step = loop.state.step
         if wb is not None: wb.finish(exit_code=1)
         wb = None
         raise
@@ -494,7 +502,8 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
                      ax=None, # one axes, or None for a new figure
                      bound:dict|None=None, # a diffusion LM's final held-out bound (`heldout_bound`): marked at the end
                     ):
-    "Training loss (total and task), held-out loss (and diffusion bounds), the context-free floor (MLM) and the learning rate by step."
+    ("Training loss (total and task), held-out loss (and diffusion bounds), "
+     "the context-free floor (MLM) and the learning rate by step.")
     import matplotlib.pyplot as plt
     h = History(history)
     tr, ev = h.of('train'), h.of('eval')
@@ -541,14 +550,16 @@ def _results(tr:list, ev:list, params:dict) -> dict:
         r.update(eval_loss_start=ev[0]['eval_loss'], eval_loss=ev[-1]['eval_loss'])
         if 'eval_recon_nelbo' in ev[-1]: r['eval_recon_nelbo'] = ev[-1]['eval_recon_nelbo']
         r.update({k: ev[-1][k] for k in MLM_KEYS if k in ev[-1]})
-        for k in ('effective_rank', 'effective_rank_normalized', 'rankme', 'rankme_per_sample', 'mean_concept_similarity',
+        for k in ('effective_rank', 'effective_rank_normalized', 'rankme', 'rankme_per_sample',
+                  'mean_concept_similarity',
                   'max_concept_similarity', 'input_dependence', 'input_dependence_min'):
             r[k] = ev[-1].get(f'concept/{k}')
     return r
 
 def _train_section(history, tr:list, params:dict) -> dict:
     p = params
-    t = dict(steps=history.step, epochs=p.get('epochs'), wall_s=round(history.wall_s, 2), concept_losses=p.get('concept_losses'),
+    t = dict(steps=history.step, epochs=p.get('epochs'), wall_s=round(history.wall_s, 2),
+             concept_losses=p.get('concept_losses'),
              loss_weighting=p.get('loss_weighting'), loss_weight=p.get('loss_weight'))
     if tr:
         t.update(tokens=tr[-1]['tokens'], tokens_per_s=tr[-1]['tokens'] / max(tr[-1]['train_s'], 1e-9),
@@ -592,13 +603,15 @@ def run_metrics(history:History, # `train`'s history
     if model is not None: mdl['num_parameters'] = sum(q.numel() for q in model.parameters())
     if model is not None: mdl.update(model_cost(model, params))
     return make_record('pretrain', status, run_name=params.get('run_name'), run_dir=params.get('run_dir'),
-                       checkpoint=history.last_checkpoint, finished_at=datetime.datetime.now().isoformat(timespec='seconds'),
+                       checkpoint=history.last_checkpoint,
+                       finished_at=datetime.datetime.now().isoformat(timespec='seconds'),
                        model=mdl, data={k: params.get(k) for k in ('data', 'tokenizer', 'block_size')},
                        train=_train_section(history, tr, params), results={**_results(tr, ev, params), **results})
 
 # %% ../nbs/17_train.ipynb #dlm00001
 def diffusion_lm_results(model, tokenizer, eval_data:BatchStream, params:dict, log=print) -> dict:
-    "A diffusion LM's final held-out bound (`heldout_bound`, at most `bound_draws` t draws) and its samples, as results."
+    ("A diffusion LM's final held-out bound (`heldout_bound`, at most `bound_draws` t draws) and its samples, "
+     "as results.")
     b = heldout_bound(model, [eval_data.batch(k) for k in range(params['eval_batches'])],
                       max_draws=params['bound_draws'], seed=params['seed'])
     log(f"held-out {b['bound_name']}: {b['nats']:.4f} ± {b['se']:.4f} nats = {b['bits_per_token']:.4f} bits per "
@@ -617,7 +630,8 @@ def probe_results(model:nn.Module, tokenizer, params:dict) -> dict:
 # %% ../nbs/17_train.ipynb #c0de0002
 def run_pretraining(params:dict, # run parameters (missing names take `PRETRAIN_DEFAULTS`; a preset applies)
                     log=print, # where log lines go
-                    runs_dir:str|Path|None=None, # with run_dir='': record into runs_dir/<YYYY-MM-DD>_<run_name> (None: a temp folder)
+                    # with run_dir='': record into runs_dir/<YYYY-MM-DD>_<run_name> (None: a temp folder)
+                    runs_dir:str|Path|None=None,
                    ) -> dict:
     "Validate, build, train and record a pretraining run (every process of a multi-process launch calls it)."
     from accelerate import PartialState

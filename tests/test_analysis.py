@@ -76,7 +76,8 @@ def upstream_reference(x):
     flat = x.reshape(B * C, H)
     lam = np.clip(np.linalg.eigvalsh(np.cov(flat.T)), 1e-8, None)
     std = flat.std(0, ddof=1); norms = np.linalg.norm(flat, axis=-1)
-    return dict(effective_rank=s.sum() / (s.max() + 1e-8), effective_rank_normalized=s.sum() / (s.max() + 1e-8) / min(C, H),
+    return dict(effective_rank=s.sum() / (s.max() + 1e-8),
+                effective_rank_normalized=s.sum() / (s.max() + 1e-8) / min(C, H),
                 dimensions_for_95_variance=(np.cumsum(var) < 0.95).sum() + 1, top_1_variance_ratio=var[0],
                 top_5_variance_ratio=var[:5].sum() if len(s) >= 5 else 1.0, dominance=s[0] / (s.sum() + 1e-8),
                 max_concept_similarity=max(off.max(), 0.), mean_concept_similarity=np.abs(off).mean(),
@@ -86,13 +87,15 @@ def upstream_reference(x):
                 mean_dimension_std=std.mean(), min_dimension_std=std.min(), max_dimension_std=std.max(),
                 collapsed_dimensions=(std < 1e-4).sum(), collapsed_dimensions_ratio=(std < 1e-4).sum() / H,
                 mean_concept_norm=norms.mean(), std_concept_norm=norms.std(ddof=1), min_concept_norm=norms.min(),
-                max_concept_norm=norms.max(), **{f'singular_value_{i+1}': (s[i] if i < len(s) else 0.) for i in range(5)})
+                max_concept_norm=norms.max(),
+                **{f'singular_value_{i+1}': (s[i] if i < len(s) else 0.) for i in range(5)})
 
 
 @pytest.mark.parametrize('shape', [(5, 3, 8), (7, 6, 4), (3, 9, 12)])
 def test_upstream_metrics_match_reference(shape):
     g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(*shape, generator=g, dtype=torch.float64) + torch.randn(1, *shape[1:], generator=g, dtype=torch.float64)
+    x = torch.randn(*shape, generator=g,
+                    dtype=torch.float64) + torch.randn(1, *shape[1:], generator=g, dtype=torch.float64)
     x[:, :, 0] = 0.5  # one collapsed dimension
     m, ref = concept_metrics(x), upstream_reference(x)
     assert set(ref) == set(UPSTREAM_KEYS)
@@ -140,7 +143,8 @@ def test_grades_thresholds():
     assert rows['global_effective_rank_normalized']['grade'] == 'good'
     assert rows['mean_concept_similarity']['grade'] == 'ok'     # < 0.3 is good, 0.3 is not
     assert rows['max_concept_similarity']['grade'] == 'good'
-    assert rows['active_dimensions_ratio']['grade'] == 'ok' and rows['active_dimensions_ratio']['value'] == pytest.approx(.95)
+    assert (rows['active_dimensions_ratio']['grade'] == 'ok'
+            and rows['active_dimensions_ratio']['value'] == pytest.approx(.95))
     assert rows['dominance']['grade'] == 'poor'
     assert rows['mean_concept_similarity']['meets_target'] is False and rows['max_concept_similarity']['meets_target']
 
@@ -217,7 +221,8 @@ def test_report_json_round_trip(tmp_path):
     # nan metrics (C = 1 has no pairs) survive as null -> nan
     r1 = ConceptReport.from_concepts([torch.randn(3, 1, 4)])
     r1b = ConceptReport.from_json(r1.to_json(tmp_path / 'one.json'))
-    assert math.isnan(r1b.metrics['mean_concept_similarity']) and r1b.metrics['rankme'] == pytest.approx(r1.metrics['rankme'])
+    assert (math.isnan(r1b.metrics['mean_concept_similarity'])
+            and r1b.metrics['rankme'] == pytest.approx(r1.metrics['rankme']))
     with pytest.raises(FileNotFoundError): ConceptReport.from_json(tmp_path / 'missing.json')
 
 
@@ -253,7 +258,8 @@ def test_real_encoder_attention_rows_sum_to_one_and_zero_on_padding(variant):
 def test_report_from_real_model_streams_batches():
     torch.manual_seed(0)
     model = build_model('perceiver_mlm', tiny_config())
-    batches = [dict(zip(('input_ids', 'attention_mask'), padded_batch([20, 9, 4], seed=s)), labels=None) for s in range(5)]
+    batches = [dict(zip(('input_ids', 'attention_mask'), padded_batch([20, 9, 4], seed=s)), labels=None)
+               for s in range(5)]
     r = ConceptReport.from_model(model, iter(batches), max_batches=3)
     assert (r.n_batches, r.n_samples, r.concept_num, r.hidden_size) == (3, 9, 6, 16)
     assert model.training                                             # mode restored after the report
@@ -281,7 +287,8 @@ def test_plots_render_with_agg():
     figs = [plot_similarity_heatmap(c, sample=1), plot_similarity_heatmap(c, average='concepts'), plot_svd_spectrum(c),
             plot_concept_pca(c), plot_attention_map(out.attentions, toks, sample=1),
             plot_attention_map(out.attentions, layer='mean'), plot_concept_usage(out.attentions, toks, sample=1),
-            plot_training_dynamics(hist), plot_report_comparison(r, ConceptReport.from_concepts([torch.randn(3, 6, 16)]))]
+            plot_training_dynamics(hist),
+            plot_report_comparison(r, ConceptReport.from_concepts([torch.randn(3, 6, 16)]))]
     for f in figs:
         assert isinstance(f, plt.Figure)
         buf = io.BytesIO(); f.savefig(buf, format='png'); assert buf.tell() > 1000
@@ -295,7 +302,8 @@ def test_health_check_flags_broken_models():
     from concept_nb.data import load_tokenizer
     tok = load_tokenizer('embedded')
     torch.manual_seed(0)
-    cfg = tiny_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id, hidden_size=32)
+    cfg = tiny_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id,
+                      hidden_size=32)
     texts = list(FALLBACK_SENTENCES)
     for name in ('perceiver_mlm', 'diffusion_mlm'):
         model = build_model(name, cfg)
@@ -335,12 +343,14 @@ def test_training_log_and_run_metrics_carry_input_dependence():
 
 
 def test_health_command_line(tmp_path, capsys):
-    "`concept-nb health` (formerly analysis.health_main): 0 on a healthy checkpoint, 1 on a broken one or a missing path."
+    ("`concept-nb health` (formerly analysis.health_main): 0 on a healthy checkpoint, "
+     "1 on a broken one or a missing path.")
     from concept_nb.cli import main
     from concept_nb.data import load_tokenizer
     tok = load_tokenizer('embedded')
     torch.manual_seed(0)
-    cfg = tiny_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id, hidden_size=32)
+    cfg = tiny_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id,
+                      hidden_size=32)
     model = build_model('perceiver_mlm', cfg)
     d = tmp_path / 'run' / 'model'
     model.save_pretrained(d); tok.save_pretrained(d)

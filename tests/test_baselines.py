@@ -91,11 +91,13 @@ def test_bert_mlm_round_trip(tmp_path):
     assert out.logits.shape == (2, 2) and torch.isfinite(out.logits).all()
     ctl, rep = build_classifier(ck, 'mrpc', tok, seed=3, max_length=32, control='random_init')
     _same_config_fresh_weights(model, ctl, rep)
-    with pytest.raises(ValueError, match="exceeds the model's 32 positions"): build_classifier(ck, 'mrpc', tok, max_length=64)
+    with pytest.raises(ValueError, match="exceeds the model's 32 positions"):
+        build_classifier(ck, 'mrpc', tok, max_length=64)
 
 
 def _same_config_fresh_weights(trained, control, report):
-    "The control has the trained classifier's config and parameter names, and none of its loaded (non-constant) weights."
+    ("The control has the trained classifier's config and parameter names, "
+     "and none of its loaded (non-constant) weights.")
     skip = ('_name_or_path', 'transformers_version')
     a, b = ({k: v for k, v in m.config.to_dict().items() if k not in skip} for m in (trained, control))
     assert a == b and report['loaded'] == 0

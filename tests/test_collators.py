@@ -27,7 +27,8 @@ def encodings(kind='wordpiece', n=400, max_length=160, seed=0):
     return tuple(tok(d, truncation=True, max_length=rng.randint(8, max_length)) for d in docs()[:n])
 
 def feats(kind='wordpiece', **kw):
-    return [dict(input_ids=list(e['input_ids']), attention_mask=list(e['attention_mask'])) for e in encodings(kind, **kw)]
+    return [dict(input_ids=list(e['input_ids']), attention_mask=list(e['attention_mask']))
+            for e in encodings(kind, **kw)]
 
 def run(coll, features, bs=16, passes=1):
     "Yield (features, batch) over `passes` passes of `features` in batches of `bs`."
@@ -125,8 +126,10 @@ def test_word_boundaries_metaspace():
     from transformers import PreTrainedTokenizerFast
     t = Tokenizer(models.BPE(unk_token='[UNK]', byte_fallback=True))
     t.pre_tokenizer, t.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    t.train_from_iterator(docs()[:500], trainers.BpeTrainer(vocab_size=2000, special_tokens=['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']))
-    t.post_processor = processors.TemplateProcessing(single='[CLS] $A [SEP]', special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
+    t.train_from_iterator(docs()[:500], trainers.BpeTrainer(vocab_size=2000, special_tokens=['[PAD]', '[UNK]', '[CLS]',
+                                                                                             '[SEP]', '[MASK]']))
+    t.post_processor = processors.TemplateProcessing(single='[CLS] $A [SEP]',
+                                                     special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
     tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token='[PAD]', unk_token='[UNK]', cls_token='[CLS]',
                                   sep_token='[SEP]', mask_token='[MASK]')
     coll = MLMCollator(tok, masking='whole_word')
@@ -183,7 +186,8 @@ def kept_words(units, kept):
     for toks, must in units:
         nxt = {} if must else dict(reach)
         for j, n in reach.items():
-            if tuple(kept[j:j + len(toks)]) == toks: nxt[j + len(toks)] = max(nxt.get(j + len(toks), -1), n + (not must))
+            if tuple(kept[j:j + len(toks)]) == toks: nxt[j + len(toks)] = max(nxt.get(j + len(toks), -1),
+                                                                              n + (not must))
         reach = nxt
     return reach.get(len(kept))
 
@@ -242,7 +246,8 @@ def test_tsdae_keeps_one_whole_word_in_short_rows():
     out = coll([[cls, sep], [cls, x, sep], long_word, [cls, x, x, x, sep]])
     am, ids = out['attention_mask'], out['input_ids']
     assert am.sum(1).tolist() == [2, 3, len(long_word), 3]         # nothing to delete / lone word / all its pieces
-    assert ids[2].tolist() == long_word and ids[1, :3].tolist() == [cls, x, sep] and ids[3, :3].tolist() == [cls, x, sep]
+    assert (ids[2].tolist() == long_word and ids[1, :3].tolist() == [cls, x, sep]
+            and ids[3, :3].tolist() == [cls, x, sep])
     assert out['labels'].shape == (4, len(long_word)) and out['labels'][3, :5].tolist() == [cls, x, x, x, sep]
 
 
@@ -461,7 +466,8 @@ def test_pad_to_multiple_of_and_reproducibility():
 def test_dataloader_workers_draw_different_noise():
     tok = tokenizer()
     f = feats()[3]
-    dl = torch.utils.data.DataLoader([f] * 8, batch_size=4, num_workers=2, collate_fn=MLMCollator(tok, mlm_probability=0.5, seed=0))
+    dl = torch.utils.data.DataLoader([f] * 8, batch_size=4, num_workers=2,
+                                     collate_fn=MLMCollator(tok, mlm_probability=0.5, seed=0))
     b0, b1 = list(dl)
     assert not torch.equal(b0['labels'], b1['labels']), "two workers with one seed must not repeat each other"
 
@@ -473,7 +479,8 @@ def test_collator_for_and_errors():
     assert type(collator_for('masked_reconstruction', tok)).__name__ == 'MaskedReconstructionCollator'
     assert isinstance(collator_for('diffusion', tok, t_min=0.1), DiffusionCollator)
     assert isinstance(collator_for('prefix_diffusion', tok), PrefixDiffusionCollator)
-    with pytest.raises(ValueError, match="unknown objective 'bert'.*masked_reconstruction.*tsdae"): collator_for('bert', tok)
+    with pytest.raises(ValueError, match="unknown objective 'bert'.*masked_reconstruction.*tsdae"):
+        collator_for('bert', tok)
     coll = MLMCollator(tok)
     with pytest.raises(ValueError, match='non-empty'): coll([])
     with pytest.raises(ValueError, match="no 'input_ids'"): coll([dict(ids=[1, 2])])
@@ -483,7 +490,8 @@ def test_collator_for_and_errors():
     with pytest.raises(ValueError, match='pad_to_multiple_of'): TSDAECollator(tok, pad_to_multiple_of=0)
 
 
-@pytest.mark.parametrize('objective,model,kw', [('mlm', 'perceiver_mlm', {}), ('mlm', 'perceiver_mlm', {'masking': 'span'}),
+@pytest.mark.parametrize('objective,model,kw',
+                         [('mlm', 'perceiver_mlm', {}), ('mlm', 'perceiver_mlm', {'masking': 'span'}),
                                                  ('tsdae', 'tsdae_posonly', {}), ('diffusion', 'diffusion_mlm', {}),
                                                  ('masked_reconstruction', 'masked_reconstruction_posonly', {}),
                                                  ('prefix_diffusion', 'diffusion_mlm', {})])

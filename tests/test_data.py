@@ -188,7 +188,8 @@ def test_load_text_hub_error_and_mapping(monkeypatch):
 def test_train_tokenizer_roundtrip(kind, tmp_path, corpus_path):
     tok = train_tokenizer(embedded_texts(max_docs=1500), kind=kind, vocab_size=1500, save_dir=tmp_path/'tok')
     assert tok.convert_ids_to_tokens(list(range(5))) == list(SPECIAL_TOKENS)
-    assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    assert ((tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id)
+            == (0, 1, 2, 3, 4))
     assert len(tok) == 1500
     re_tok = AutoTokenizer.from_pretrained(tmp_path/'tok')
     val = embedded_texts('validation', max_docs=20)
@@ -253,7 +254,8 @@ def test_one_doc_per_sequence(wp, mixed_docs):
     assert len(one) == len(mixed_docs)
     lens = [len(x) for x in one['input_ids']]
     assert max(lens) == 128 and min(lens) < 128                      # truncated, never padded
-    assert all(x[0] == wp.cls_token_id and x[-1] == wp.sep_token_id and wp.pad_token_id not in x for x in one['input_ids'])
+    assert all(x[0] == wp.cls_token_id and x[-1] == wp.sep_token_id and wp.pad_token_id not in x
+               for x in one['input_ids'])
     full = wp(mixed_docs)['input_ids']
     assert all(a == (b if len(b) <= 128 else b[:127] + [wp.sep_token_id]) for a, b in zip(one['input_ids'], full))
     assert real_token_fraction(one, 128) == pytest.approx(sum(lens) / (128*len(lens)))
@@ -270,7 +272,8 @@ def test_packing_efficiency_figure(wp, mixed_docs):
     assert rows[128, 'packed']['real_fraction'] == pytest.approx(real_token_fraction(packed, 128))
 
 def test_real_token_fraction_inputs():
-    batch = {'input_ids': torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]]), 'attention_mask': torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    batch = {'input_ids': torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]]),
+             'attention_mask': torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
     assert real_token_fraction([batch]) == 7/8
     assert real_token_fraction([batch], block_size=8) == 7/16
     assert real_token_fraction([batch], special_ids=[2, 3]) == 3/8
@@ -285,7 +288,8 @@ def test_pack_documents_errors(wp):
 # ---------------------------------------------------------------- task table
 
 def test_task_table_consistent():
-    assert set(task_names()) == {'cola', 'sst2', 'mrpc', 'stsb', 'qqp', 'mnli_matched', 'mnli_mismatched', 'qnli', 'rte',
+    assert set(task_names()) == {'cola', 'sst2', 'mrpc', 'stsb', 'qqp', 'mnli_matched', 'mnli_mismatched', 'qnli',
+                                 'rte',
                                  'wnli', 'paws', 'sick_relatedness', 'sick_entailment'}
     for t in TASKS.values():
         assert t.headline_metric in t.metrics and set(t.split_files) == {'train', 'validation', 'test'}
@@ -335,13 +339,15 @@ def test_real_glue_label_balance():
     mrpc = load_task('mrpc', 'validation', GLUE_DIR)
     assert mrpc[0]['sentence1'].startswith("He said the foodservice pie business")   # BOM header still resolved
     stsb = load_task('stsb', 'validation', GLUE_DIR)
-    assert stsb[0] == {'sentence1': 'A man with a hard hat is dancing.', 'sentence2': 'A man wearing a hard hat is dancing.',
+    assert stsb[0] == {'sentence1': 'A man with a hard hat is dancing.',
+                       'sentence2': 'A man wearing a hard hat is dancing.',
                        'label': 5.0, 'idx': 0}
 
 @needs_glue
 def test_real_glue_missing_split_and_env(monkeypatch):
     with pytest.raises(FileNotFoundError, match=r'QNLI.*train\.tsv'): load_task('qnli', 'train', GLUE_DIR)
-    with pytest.raises(FileNotFoundError, match=r"folder .*QQP does not exist"): load_task('qqp', 'validation', GLUE_DIR)
+    with pytest.raises(FileNotFoundError, match=r"folder .*QQP does not exist"):
+        load_task('qqp', 'validation', GLUE_DIR)
     monkeypatch.setenv('CONCEPT_NB_GLUE_DIR', str(GLUE_DIR))
     assert len(load_task('rte', 'dev')) == 277
 
@@ -371,13 +377,18 @@ MNLI_DEV_HDR = MNLI_TRAIN_HDR[:-1] + ['label2', 'label3', 'label4', 'label5', 'g
 def test_mnli_layout(tmp_path):
     p = '( ( A ) )'
     _tsv(tmp_path/'MNLI'/'train.tsv', [MNLI_TRAIN_HDR,
-         [0, 1, '1e', 'government', p, p, p, p, 'Conceptually cream skimming has two dimensions.', 'Product and geography.', 'neutral', 'neutral'],
-         [1, 2, '2e', 'telephone', p, p, p, p, 'you know during the season', 'You lose the things.', 'entailment', 'entailment']])
+         [0, 1, '1e', 'government', p, p, p, p, 'Conceptually cream skimming has two dimensions.',
+          'Product and geography.', 'neutral', 'neutral'],
+         [1, 2, '2e', 'telephone', p, p, p, p, 'you know during the season', 'You lose the things.', 'entailment',
+          'entailment']])
     _tsv(tmp_path/'MNLI'/'dev_matched.tsv', [MNLI_DEV_HDR,
-         [0, 3, '3n', 'fiction', p, p, p, p, 'The new rights are nice enough', 'Everyone really likes them.', *['neutral']*5, 'neutral'],
-         [1, 4, '4c', 'fiction', p, p, p, p, 'This site includes a list', 'The site has no list.', *['contradiction']*5, 'contradiction']])
+         [0, 3, '3n', 'fiction', p, p, p, p, 'The new rights are nice enough', 'Everyone really likes them.',
+          *['neutral']*5, 'neutral'],
+         [1, 4, '4c', 'fiction', p, p, p, p, 'This site includes a list', 'The site has no list.', *['contradiction']*5,
+          'contradiction']])
     _tsv(tmp_path/'MNLI'/'dev_mismatched.tsv', [MNLI_DEV_HDR,
-         [0, 5, '5e', 'letters', p, p, p, p, 'Your gift is appreciated.', 'Thanks for the gift.', *['entailment']*5, 'entailment']])
+         [0, 5, '5e', 'letters', p, p, p, p, 'Your gift is appreciated.', 'Thanks for the gift.', *['entailment']*5,
+          'entailment']])
     assert load_task('mnli', 'train', tmp_path)['label'] == [1, 0]
     m = load_task('mnli_matched', 'validation', tmp_path)
     assert m['label'] == [1, 2] and m['sentence2'][1] == 'The site has no list.'
@@ -386,20 +397,27 @@ def test_mnli_layout(tmp_path):
 
 def test_paws_layout(tmp_path):
     _tsv(tmp_path/'PAWS'/'dev.tsv', [['id', 'sentence1', 'sentence2', 'label'],
-                                     [1, 'In Paris , in October 1560 , he met the ambassador .', 'In October 1560 , he met the ambassador in Paris .', 1],
-                                     [2, 'The NBA season of 1975 -- 76 was the 30th season .', 'The 1975 -- 76 season was the 30th NBA season .', 0]])
+                                     [1, 'In Paris , in October 1560 , he met the ambassador .',
+                                      'In October 1560 , he met the ambassador in Paris .', 1],
+                                     [2, 'The NBA season of 1975 -- 76 was the 30th season .',
+                                      'The 1975 -- 76 season was the 30th NBA season .', 0]])
     ds = load_task('paws', 'validation', tmp_path)
     assert ds['label'] == [1, 0] and ds.features['label'].dtype == 'int64'
 
-SICK_HDR = ['pair_ID', 'sentence_A', 'sentence_B', 'entailment_label', 'relatedness_score', 'entailment_AB', 'entailment_BA',
+SICK_HDR = ['pair_ID', 'sentence_A', 'sentence_B', 'entailment_label', 'relatedness_score', 'entailment_AB',
+            'entailment_BA',
             'sentence_A_original', 'sentence_B_original', 'sentence_A_dataset', 'sentence_B_dataset', 'SemEval_set']
 
 def _sick_rows():
     return [SICK_HDR,
-            [1, 'A group of kids is playing in a yard', 'A group of boys is playing in a yard', 'NEUTRAL', 4.5, 'A_neutral_B', 'B_neutral_A', 'x', 'y', 'FLICKR', 'FLICKR', 'TRAIN'],
-            [2, 'A man is playing a guitar', 'A man is playing an instrument', 'ENTAILMENT', 4.1, 'A_entails_B', 'B_neutral_A', 'x', 'y', 'SEMEVAL', 'SEMEVAL', 'TEST'],
-            [3, 'A dog runs', 'No dog runs', 'CONTRADICTION', 3.6, 'A_contradicts_B', 'B_contradicts_A', 'x', 'y', 'FLICKR', 'FLICKR', 'TRIAL'],
-            [4, 'A woman is cutting an onion', 'A woman is slicing an onion', 'ENTAILMENT', 4.9, 'A_entails_B', 'B_entails_A', 'x', 'y', 'SEMEVAL', 'SEMEVAL', 'TRAIN']]
+            [1, 'A group of kids is playing in a yard', 'A group of boys is playing in a yard', 'NEUTRAL', 4.5,
+             'A_neutral_B', 'B_neutral_A', 'x', 'y', 'FLICKR', 'FLICKR', 'TRAIN'],
+            [2, 'A man is playing a guitar', 'A man is playing an instrument', 'ENTAILMENT', 4.1, 'A_entails_B',
+             'B_neutral_A', 'x', 'y', 'SEMEVAL', 'SEMEVAL', 'TEST'],
+            [3, 'A dog runs', 'No dog runs', 'CONTRADICTION', 3.6, 'A_contradicts_B', 'B_contradicts_A', 'x', 'y',
+             'FLICKR', 'FLICKR', 'TRIAL'],
+            [4, 'A woman is cutting an onion', 'A woman is slicing an onion', 'ENTAILMENT', 4.9, 'A_entails_B',
+             'B_entails_A', 'x', 'y', 'SEMEVAL', 'SEMEVAL', 'TRAIN']]
 
 def test_sick_layout(tmp_path):
     _tsv(tmp_path/'SICK'/'SICK.txt', _sick_rows())
@@ -456,13 +474,16 @@ def test_sick_semeval_layout_errors(tmp_path):
         load_task('sick_relatedness', 'train', tmp_path/'semeval')
 
 def test_cola_layouts_and_unlabelled_test(tmp_path):
-    _tsv(tmp_path/'CoLA'/'train.tsv', [['gj04', 1, '', 'Our friends won\'t buy this analysis.'], ['gj04', 0, '*', 'They drank the pub.']])
+    _tsv(tmp_path/'CoLA'/'train.tsv',
+         [['gj04', 1, '', 'Our friends won\'t buy this analysis.'], ['gj04', 0, '*', 'They drank the pub.']])
     _tsv(tmp_path/'CoLA'/'test.tsv', [['index', 'sentence'], [0, 'Bill whistled past the house.']])
     assert load_task('cola', 'train', tmp_path)['label'] == [1, 0]
     t = load_task('cola', 'test', tmp_path)
     assert t['sentence1'] == ['Bill whistled past the house.'] and t['label'] == [-1]
-    _tsv(tmp_path/'STS-B'/'test.tsv', [['index', 'genre', 'filename', 'year', 'old_index', 'source1', 'source2', 'sentence1', 'sentence2'],
-                                       [0, 'main-captions', 'MSRvid', '2012test', '0024', 'none', 'none', 'A girl is styling her hair.', 'A girl is brushing her hair.']])
+    _tsv(tmp_path/'STS-B'/'test.tsv',
+         [['index', 'genre', 'filename', 'year', 'old_index', 'source1', 'source2', 'sentence1', 'sentence2'],
+                                       [0, 'main-captions', 'MSRvid', '2012test', '0024', 'none', 'none',
+                                        'A girl is styling her hair.', 'A girl is brushing her hair.']])
     assert load_task('stsb', 'test', tmp_path)['label'] == [-1.0]
 
 def test_quotes_are_not_special(tmp_path):
@@ -475,7 +496,8 @@ def test_quotes_are_not_special(tmp_path):
 
 @pytest.mark.parametrize('row,msg', [
     (['1', 'Only two fields'], r'line 3: expected 4 tab-separated fields'),
-    (['1', 'A.', 'B.', 'maybe'], r"line 3: label 'maybe' in column 'label' is not one of \['entailment', 'not_entailment'\]"),
+    (['1', 'A.', 'B.', 'maybe'],
+     r"line 3: label 'maybe' in column 'label' is not one of \['entailment', 'not_entailment'\]"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, row, msg):
     _tsv(tmp_path/'RTE'/'train.tsv', [['index', 'sentence1', 'sentence2', 'label'], [0, 'A.', 'B.', 'entailment'], row])
@@ -483,9 +505,11 @@ def test_malformed_rows_name_file_and_line(tmp_path, row, msg):
     assert str(tmp_path/'RTE'/'train.tsv') in str(e.value) and 're-download' in str(e.value)
 
 def test_malformed_numeric_labels_and_headers(tmp_path):
-    _tsv(tmp_path/'STS-B'/'dev.tsv', [['index', 'genre', 'filename', 'year', 'old_index', 'source1', 'source2', 'sentence1', 'sentence2', 'score'],
+    _tsv(tmp_path/'STS-B'/'dev.tsv',
+         [['index', 'genre', 'filename', 'year', 'old_index', 'source1', 'source2', 'sentence1', 'sentence2', 'score'],
                                       [0, 'g', 'f', 'y', 'o', 'n', 'n', 'A.', 'B.', 'high']])
-    with pytest.raises(TaskDataError, match=r"dev\.tsv, line 2: label 'high' .* not a number"): load_task('stsb', 'validation', tmp_path)
+    with pytest.raises(TaskDataError, match=r"dev\.tsv, line 2: label 'high' .* not a number"):
+        load_task('stsb', 'validation', tmp_path)
     _tsv(tmp_path/'WNLI'/'dev.tsv', [['index', 'sentence1', 'sentence2', 'label'], [0, 'A.', 'B.', 7]])
     with pytest.raises(TaskDataError, match=r"line 2: label '7' .* 0\.\.1"): load_task('wnli', 'validation', tmp_path)
     _tsv(tmp_path/'SST-2'/'dev.tsv', [['text', 'label'], ['fine', 1]])

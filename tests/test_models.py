@@ -60,10 +60,14 @@ def test_round_trip_is_bit_exact(name, tmp_path):
     for k in sd: assert torch.equal(sd[k], sd2[k]), k
 
 @pytest.mark.parametrize('field,value,needle', [
-    ('hidden_size', 30, 'hidden_size'), ('concept_num', 0, 'concept_num'), ('concept_position_type', 'rope', 'concept_position_type'),
-    ('num_attention_heads', 0, 'num_attention_heads'), ('decoder_type', 'gpt', 'decoder_type'), ('num_iterations', -2, 'num_iterations'),
-    ('classifier_head', 'mean', 'classifier_head'), ('t_min', 0., 't_min'), ('elbo_weighting', 'elbo', 'elbo_weighting'),
-    ('token_embedding_dim', 0, 'token_embedding_dim'), ('attention_probs_dropout_prob', 1.0, 'attention_probs_dropout_prob')])
+    ('hidden_size', 30, 'hidden_size'), ('concept_num', 0, 'concept_num'),
+    ('concept_position_type', 'rope', 'concept_position_type'),
+    ('num_attention_heads', 0, 'num_attention_heads'), ('decoder_type', 'gpt', 'decoder_type'),
+    ('num_iterations', -2, 'num_iterations'),
+    ('classifier_head', 'mean', 'classifier_head'), ('t_min', 0., 't_min'),
+    ('elbo_weighting', 'elbo', 'elbo_weighting'),
+    ('token_embedding_dim', 0, 'token_embedding_dim'),
+    ('attention_probs_dropout_prob', 1.0, 'attention_probs_dropout_prob')])
 def test_bad_config_names_the_field(field, value, needle):
     with pytest.raises(ValueError, match=needle): ConceptEncoderConfig(**{field: value})
 

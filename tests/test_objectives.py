@@ -29,7 +29,8 @@ def texts():
     return embedded_texts('train')[:40]
 
 def features(lengths, prepad:int=0, with_mask:bool=True):
-    "Real documents cut to `lengths` tokens; `prepad` > 0 pads each one to that length first (the upstream dataset bug)."
+    ("Real documents cut to `lengths` tokens; `prepad` > 0 pads each one to that length first (the upstream dataset "
+     "bug).")
     t, out = tok(), []
     for i, n in enumerate(lengths):
         ids = t(texts()[i], truncation=True, max_length=n)['input_ids']
@@ -42,7 +43,8 @@ def features(lengths, prepad:int=0, with_mask:bool=True):
 def small_config(**kw):
     t = tok()
     return dict(vocab_size=len(t), hidden_size=32, concept_num=4, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, max_sequence_length=160, pad_token_id=t.pad_token_id, mask_token_id=t.mask_token_id,
+                intermediate_size=64, max_sequence_length=160, pad_token_id=t.pad_token_id,
+                mask_token_id=t.mask_token_id,
                 cls_token_id=t.cls_token_id, sep_token_id=t.sep_token_id, tokenizer_name='embedded', **kw)
 
 def model_for(name, seed=0, **kw):
@@ -84,7 +86,7 @@ def _rows_of(batch, b, closed=False):
 
 def _n_loss_terms(batch, objective):
     "How a row's loss is weighted in the batch loss: labelled rows (MLM/TSDAE means) or maskable decoder tokens (MDLM)."
-    if objective in ('diffusion', 'prefix_diffusion'):       # real, non-special: [CLS]/[SEP] are never noised (issue 14)
+    if objective in ('diffusion', 'prefix_diffusion'):      # real, non-special: [CLS]/[SEP] are never noised (issue 14)
         t, ids = tok(), batch['decoder_input_ids']
         special = (ids == t.cls_token_id) | (ids == t.sep_token_id) | (ids == t.pad_token_id)
         return (batch['decoder_attention_mask'].bool() & ~special).sum(1).double()
@@ -98,7 +100,8 @@ def test_padding_is_never_content_end_to_end(objective, name, cfg, ckw):
     # collated with a long pad_to_multiple_of: the collator must derive the real tokens from the masks, not the length
     plain = collator_for(objective, t, seed=3, **ckw)(features(LENGTHS))
     padded = collator_for(objective, t, seed=3, pad_to_multiple_of=160, **ckw)(features(LENGTHS, prepad=150))
-    nopad_mask = collator_for(objective, t, seed=3, pad_to_multiple_of=160, **ckw)(features(LENGTHS, prepad=150, with_mask=False))
+    nopad_mask = collator_for(objective, t, seed=3, pad_to_multiple_of=160,
+                              **ckw)(features(LENGTHS, prepad=150, with_mask=False))
     for k in plain:
         a, p, q = plain[k], padded[k], nopad_mask[k]
         assert torch.equal(p, q), k
@@ -159,7 +162,8 @@ def test_tsdae_model_encodes_the_closed_up_survivors():
         torch.testing.assert_close(out.concepts, model.encoder(ids, mask).last_hidden_state, rtol=1e-5, atol=1e-5)
         assert torch.equal(batch['labels'], orig)                                  # the original text, dense
         h = model.decode(out.concepts, torch.zeros_like(orig))                     # (B, N, H) at positions 0..N-1
-        ce = torch.nn.functional.cross_entropy(model.lm_head(h).flatten(0, 1), orig.flatten(), ignore_index=IGNORE_INDEX)
+        ce = torch.nn.functional.cross_entropy(model.lm_head(h).flatten(0, 1), orig.flatten(),
+                                               ignore_index=IGNORE_INDEX)
         assert torch.isfinite(out.loss) and math.isclose(float(out.loss), float(ce), rel_tol=1e-5)
         assert out.logits.shape[:2] == orig.shape
 
@@ -191,17 +195,19 @@ def test_mdlm_estimator_equals_its_formula(smoothing):
     logits[0, 102] += 4.0; logits[2, 107] -= 2.0                        # some confident, some wrong predictions
     model.lm_head = FixedHead(logits)
     ce = [_ce(logits[i].tolist(), y) for i, y in enumerate([102, 104, 107])]
-    n_real = 7                                                          # maskable decoder tokens: padding is not counted
-    nelbo = (ce[0] / 0.5 + ce[1] / 0.5 + ce[2] / 0.25) / n_real          # MDLM / LLaDA: sum of CE / t over B*L real tokens
+    n_real = 7                                                         # maskable decoder tokens: padding is not counted
+    nelbo = (ce[0] / 0.5 + ce[1] / 0.5 + ce[2] / 0.25) / n_real       # MDLM / LLaDA: sum of CE / t over B*L real tokens
     batch = dict(input_ids=ids, attention_mask=am, decoder_input_ids=dec, decoder_attention_mask=am, labels=labels, t=t)
     for weighting in ('mdlm', 'self_normalized', 'none'):
         model.config.elbo_weighting = weighting
         out = model(**batch)
-        assert math.isclose(float(out.recon_nelbo), nelbo, rel_tol=1e-5), weighting    # the reported bound is always MDLM, unsmoothed
+        # the reported bound is always MDLM, unsmoothed
+        assert math.isclose(float(out.recon_nelbo), nelbo, rel_tol=1e-5), weighting
         if smoothing == 0:
-            want = dict(mdlm=nelbo, self_normalized=(2 * ce[0] + 2 * ce[1] + 4 * ce[2]) / 8, none=sum(ce) / 3)[weighting]
+            want = dict(mdlm=nelbo, self_normalized=(2 * ce[0] + 2 * ce[1] + 4 * ce[2]) / 8,
+                        none=sum(ce) / 3)[weighting]
             assert math.isclose(out.loss.item(), want, rel_tol=1e-5), weighting
-        else:                                                           # the training loss is the same estimator of smoothed CE
+        else:                                                   # the training loss is the same estimator of smoothed CE
             sce = torch.nn.functional.cross_entropy(logits, torch.tensor([102, 104, 107]), reduction='none',
                                                     label_smoothing=smoothing)
             assert torch.allclose(out.loss, diffusion_loss(sce, torch.tensor([0.5, 0.5, 0.25]), n_real, weighting))
@@ -234,12 +240,13 @@ def test_generate_infills_every_mask_and_keeps_context(temperature, top_k, steps
     todo = (x == mid) & dm.bool()
     assert todo.sum() > 5
     assert not ((out == mid) & dm.bool()).any()                         # every mask is filled ...
-    assert torch.equal(out[~todo], x[~todo])                            # ... and nothing else changes (context, padding)
+    assert torch.equal(out[~todo], x[~todo])                           # ... and nothing else changes (context, padding)
     assert (out[~dm.bool()] == pad).all()
     # the encoder ran once, on the clean text (the diffusion objective's concepts; it never sees [MASK])
     assert len(calls) == 1
     ids, am = calls[0]
-    assert torch.equal(ids, b['input_ids']) and torch.equal(am, b['attention_mask']) and not (ids[am.bool()] == mid).any()
+    assert (torch.equal(ids, b['input_ids']) and torch.equal(am, b['attention_mask'])
+            and not (ids[am.bool()] == mid).any())
 
 def test_generate_from_a_prefix_fills_the_suffix():
     t = tok()
@@ -249,12 +256,15 @@ def test_generate_from_a_prefix_fills_the_suffix():
     dm = b['decoder_attention_mask']
     x = torch.where(dm.bool(), torch.full_like(dm, mid), torch.full_like(dm, pad))     # the whole suffix to generate
     calls = _spy_encoder(model)
-    out = model.generate(x, dm, input_ids=b['input_ids'], attention_mask=b['attention_mask'], num_steps=6, temperature=0.0)
+    out = model.generate(x, dm, input_ids=b['input_ids'], attention_mask=b['attention_mask'], num_steps=6,
+                         temperature=0.0)
     assert not (out[dm.bool()] == mid).any() and (out[~dm.bool()] == pad).all()
-    assert len(calls) == 1 and torch.equal(calls[0][0], b['input_ids']) and torch.equal(calls[0][1], b['attention_mask'])
+    assert (len(calls) == 1 and torch.equal(calls[0][0], b['input_ids'])
+            and torch.equal(calls[0][1], b['attention_mask']))
     # a partly known suffix (infilling after a prefix): known suffix tokens stay as they are
     y = b['decoder_input_ids']
-    out2 = model.generate(y, dm, input_ids=b['input_ids'], attention_mask=b['attention_mask'], num_steps=3, temperature=1.0,
+    out2 = model.generate(y, dm, input_ids=b['input_ids'], attention_mask=b['attention_mask'], num_steps=3,
+                          temperature=1.0,
                           generator=torch.Generator().manual_seed(1))
     keep = ~((y == mid) & dm.bool())
     assert torch.equal(out2[keep], y[keep]) and not (out2[dm.bool()] == mid).any()
@@ -273,11 +283,13 @@ def test_prefix_labels_only_on_the_suffix():
         suffix, dec, lab = x[k:], b['decoder_input_ids'][i, :s], b['labels'][i, :s]
         hit = lab != IGNORE_INDEX
         assert hit.any() and torch.equal(lab[hit], suffix[hit])           # labels: the original suffix tokens ...
-        assert (dec[hit] == t.mask_token_id).all() and torch.equal(dec[~hit], suffix[~hit])   # ... at its noised positions
+        # ... at its noised positions
+        assert (dec[hit] == t.mask_token_id).all() and torch.equal(dec[~hit], suffix[~hit])
         assert (b['labels'][i, s:] == IGNORE_INDEX).all()                # decoder position 0 = the suffix start
 
 def test_prefix_loss_ignores_the_prefix():
-    "With the concepts held fixed, the prefix (its tokens, its length) cannot change the loss: it reads only the suffix."
+    ("With the concepts held fixed, the prefix (its tokens, its length) cannot change the loss: "
+     "it reads only the suffix.")
     t = tok()
     model = model_for('diffusion_mlm')
     b = collator_for('prefix_diffusion', t, seed=5)(features([90, 61, 33]))
@@ -285,7 +297,8 @@ def test_prefix_loss_ignores_the_prefix():
         ref = model(**b)
         fixed = ref.concepts
         enc = model.encoder.forward
-        model.encoder.forward = lambda *a, **k: type('E', (), dict(last_hidden_state=fixed, hidden_states=None, attentions=None))()
+        model.encoder.forward = lambda *a, **k: type('E', (), dict(last_hidden_state=fixed, hidden_states=None,
+                                                                   attentions=None))()
         other = dict(b, input_ids=torch.randint(5, len(t), (3, 7)), attention_mask=torch.ones(3, 7, dtype=torch.long))
         assert torch.equal(model(**other).loss, ref.loss)                   # a different (shorter) prefix: same loss
         model.encoder.forward = enc
@@ -294,7 +307,8 @@ def test_prefix_loss_ignores_the_prefix():
     with torch.no_grad():
         rows = b['labels'].flatten() != IGNORE_INDEX
         h = model.decoder(ref.concepts, b['decoder_input_ids'], b['t'])
-        ce = torch.nn.functional.cross_entropy(model.lm_head(h.flatten(0, 1)[rows]).float(), b['labels'].flatten()[rows],
+        ce = torch.nn.functional.cross_entropy(model.lm_head(h.flatten(0, 1)[rows]).float(),
+                                               b['labels'].flatten()[rows],
                                                reduction='none')
         t_rows = b['t'][:, None].expand_as(b['labels']).flatten()[rows]
         dec = b['decoder_input_ids']
@@ -309,21 +323,27 @@ SMALL_RUN = dict(hidden_size=32, concept_num=4, num_hidden_layers=1, num_attenti
                  device='cpu', seed=3)
 
 def test_tsdae_warm_start_loads_the_mlm_encoder_exactly(tmp_path):
-    m = run_pretraining({**SMALL_RUN, 'model_type': 'perceiver_posonly_mlm', 'run_dir': str(tmp_path / 'mlm')}, log=lambda *a: None)
+    m = run_pretraining({**SMALL_RUN, 'model_type': 'perceiver_posonly_mlm', 'run_dir': str(tmp_path / 'mlm')},
+                        log=lambda *a: None)
     assert m['status'] == 'completed'
     src = read_state_dict(tmp_path / 'mlm' / 'model')
     enc = {k: v for k, v in src.items() if k.startswith('encoder.')}
-    assert enc and torch.equal(enc['encoder.token_embeddings.weight'], load_model(tmp_path / 'mlm' / 'model').encoder.token_embeddings.weight)
-    P = resolve_params({**SMALL_RUN, 'model_type': 'tsdae_posonly', 'objective': 'tsdae', 'run_dir': str(tmp_path / 'tsdae'),
+    assert enc and torch.equal(enc['encoder.token_embeddings.weight'],
+                               load_model(tmp_path / 'mlm' / 'model').encoder.token_embeddings.weight)
+    P = resolve_params({**SMALL_RUN, 'model_type': 'tsdae_posonly', 'objective': 'tsdae',
+                        'run_dir': str(tmp_path / 'tsdae'),
                         'init_from': str(tmp_path / 'mlm')}, log=lambda *a: None)
     lines = []
     model, *_ = build_pretraining(P, log=lines.append)
     own = model.state_dict()
-    assert all(torch.equal(own[k], v) for k, v in enc.items()) and {k for k in own if k.startswith('encoder.')} == set(enc)
+    assert (all(torch.equal(own[k], v) for k, v in enc.items())
+            and {k for k in own if k.startswith('encoder.')} == set(enc))
     assert torch.equal(model.lm_head.weight, enc['encoder.token_embeddings.weight'])        # tied head follows
     r = model.init_report
-    assert r['loaded'] == len(enc) and r['source'] == str(tmp_path / 'mlm' / 'model') and r['tied'] == ['lm_head.weight']
-    assert any(l.startswith(f"init_from {tmp_path / 'mlm' / 'model'}: loaded {len(enc)} encoder tensors") for l in lines)
+    assert (r['loaded'] == len(enc) and r['source'] == str(tmp_path / 'mlm' / 'model')
+            and r['tied'] == ['lm_head.weight'])
+    assert any(l.startswith(f"init_from {tmp_path / 'mlm' / 'model'}: loaded {len(enc)} encoder tensors")
+               for l in lines)
     # the random decoder is not touched: it equals a fresh build with the same seed
     fresh, *_ = build_pretraining({**P, 'init_from': ''}, log=lambda *a: None)
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in own.items() if k.startswith('decoder.'))
@@ -333,7 +353,8 @@ def test_tsdae_warm_start_loads_the_mlm_encoder_exactly(tmp_path):
     assert m2['status'] == 'completed' and rec['params']['init_from'] == str(tmp_path / 'mlm')
     assert rec['init_from']['loaded'] == len(enc)
     # a checkpoint (or a record .ipynb path) works as the source too; a mismatched encoder fails naming the file
-    model2, *_ = build_pretraining({**P, 'init_from': str(tmp_path / 'tsdae_run' / 'checkpoints' / 'step-3')}, log=lambda *a: None)
+    model2, *_ = build_pretraining({**P, 'init_from': str(tmp_path / 'tsdae_run' / 'checkpoints' / 'step-3')},
+                                   log=lambda *a: None)
     with pytest.raises(ValueError, match=r"mlm/model/model\.safetensors: its encoder\.\* weights do not fit"):
         build_pretraining({**P, 'use_bixt': True}, log=lambda *a: None)
     with pytest.raises(ValueError, match='shape'):

@@ -29,7 +29,8 @@ from concept_nb.losses import LossConfig, LossManager
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 PY = sys.executable
-ENV = {**os.environ, 'WANDB_MODE': 'disabled', 'MPLBACKEND': 'Agg', 'OMP_NUM_THREADS': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+ENV = {**os.environ, 'WANDB_MODE': 'disabled', 'MPLBACKEND': 'Agg', 'OMP_NUM_THREADS': '1',
+       'TOKENIZERS_PARALLELISM': 'false'}
 os.environ.setdefault('WANDB_MODE', 'disabled')
 torch.set_num_threads(1)
 QUIET = lambda *a, **k: None
@@ -72,7 +73,8 @@ BAD_PARAMS = [
     C('P-range-negative-loss-weight', 'pretrain', dict(loss_weight=-1.0), 'loss_weight', r'>= 0'),
     C('P-range-negative-weight-decay', 'pretrain', dict(weight_decay=-0.1), 'weight_decay', r'>= 0'),
     C('P-range-grad-accum-0', 'pretrain', dict(grad_accum=0), 'grad_accum', r'>= 1'),
-    C('P-range-heads-not-dividing-H', 'pretrain', dict(hidden_size=30, num_attention_heads=4), 'hidden_size', r'divisible'),
+    C('P-range-heads-not-dividing-H', 'pretrain', dict(hidden_size=30, num_attention_heads=4), 'hidden_size',
+      r'divisible'),
     C('P-range-negative-heads', 'pretrain', dict(num_attention_heads=-1), 'num_attention_heads', r'>= 0'),
     C('P-range-block-1', 'pretrain', dict(block_size=1), 'block_size', r'>= 2'),
     C('P-range-negative-warmup', 'pretrain', dict(warmup_steps=-1), 'warmup_steps', r'>= 0'),
@@ -84,17 +86,21 @@ BAD_PARAMS = [
     C('P-range-log-every-0', 'pretrain', dict(log_every=0), 'log_every', r'>= 1'),
     # unknown choices
     C('P-choice-preset', 'pretrain', dict(preset='no-such-preset'), 'preset', r'unknown preset'),
-    C('P-choice-model-type', 'pretrain', dict(model_type='perciever_mlm'), 'model_type', r"did you mean 'perceiver_mlm'"),
+    C('P-choice-model-type', 'pretrain', dict(model_type='perciever_mlm'), 'model_type',
+      r"did you mean 'perceiver_mlm'"),
     C('P-choice-objective', 'pretrain', dict(objective='diffusionn'), 'objective', r"did you mean 'diffusion'"),
-    C('P-choice-model-objective-mismatch', 'pretrain', dict(model_type='diffusion_mlm'), 'model_type', r'cannot learn objective'),
+    C('P-choice-model-objective-mismatch', 'pretrain', dict(model_type='diffusion_mlm'), 'model_type',
+      r'cannot learn objective'),
     C('P-choice-loss', 'pretrain', dict(concept_losses='orthogonalty'), 'concept_losses', r'unknown concept loss'),
-    C('P-choice-weighting', 'pretrain', dict(loss_weighting='kendal_gal'), 'loss_weighting', r"did you mean 'kendall_gal'"),
+    C('P-choice-weighting', 'pretrain', dict(loss_weighting='kendal_gal'), 'loss_weighting',
+      r"did you mean 'kendall_gal'"),
     C('P-choice-schedule', 'pretrain', dict(schedule='cosin'), 'schedule', r"did you mean 'cosine'"),
     C('P-choice-masking', 'pretrain', dict(masking='words'), 'masking', r'is not one of'),
     C('P-choice-device', 'pretrain', dict(device='gpu'), 'device', r'is not one of'),
     C('P-choice-precision', 'pretrain', dict(mixed_precision='fp8'), 'mixed_precision', r'is not one of'),
     C('P-choice-elbo', 'pretrain', dict(elbo_weighting='mdml'), 'elbo_weighting', r"did you mean 'mdlm'"),
-    C('P-choice-concept-positions', 'pretrain', dict(concept_position_type='rotary'), 'concept_position_type', r'is not one of'),
+    C('P-choice-concept-positions', 'pretrain', dict(concept_position_type='rotary'), 'concept_position_type',
+      r'is not one of'),
     C('P-choice-wandb', 'pretrain', dict(wandb_mode='onlin'), 'wandb_mode', r"did you mean 'online'"),
     C('P-choice-resume-path', 'pretrain', dict(resume_from='/no/such/checkpoint'), 'resume_from', r'does not exist'),
     C('P-choice-init-path', 'pretrain', dict(init_from='/no/such/run'), 'init_from', r'does not exist'),
@@ -106,7 +112,8 @@ BAD_PARAMS = [
     C('G-choice-head', 'glue', dict(head='cls'), 'head', r'is not one of'),
     C('G-choice-pair-encoding', 'glue', dict(pair_encoding='split'), 'pair_encoding', r'is not one of'),
     C('G-cross-pair-head-joint', 'glue', dict(head='pair'), 'head', r"pair_encoding='separate'"),
-    C('G-cross-pair-head-single-task', 'glue', dict(head='pair', pair_encoding='separate', tasks='sst2'), 'head', r'sentence-pair'),
+    C('G-cross-pair-head-single-task', 'glue', dict(head='pair', pair_encoding='separate', tasks='sst2'), 'head',
+      r'sentence-pair'),
     C('G-cross-separate-without-pair', 'glue', dict(pair_encoding='separate'), 'pair_encoding', r"head='pair'"),
     C('G-type-seeds', 'glue', dict(seeds='a,b'), 'seeds', r'integers'),
     C('G-range-negative-seed', 'glue', dict(seeds='-1'), 'seeds', r'>= 0'),
@@ -176,7 +183,8 @@ def test_bad_parameter_stops_before_any_work(case, tmp_path, capsys):
     _check_message(str(e.value), case)
     # 2) the package entry point of pretraining (`python -m concept_nb.train` and multi-process launches)
     if case.kind == 'pretrain':
-        with pytest.raises(ParamError) as e: T.run_pretraining({**FAST, **case.params}, log=QUIET, runs_dir=tmp_path / 'api')
+        with pytest.raises(ParamError) as e:
+            T.run_pretraining({**FAST, **case.params}, log=QUIET, runs_dir=tmp_path / 'api')
         _check_message(str(e.value), case)
         assert not (tmp_path / 'api').exists()
     # 3) the CLI: exit code 2, one line on stderr naming the parameter, no run folder or record
@@ -190,7 +198,8 @@ def test_bad_parameter_stops_before_any_work(case, tmp_path, capsys):
     assert not runs.exists(), 'nothing may be created before the parameters are valid'
 
 
-GOOD_PARAMS = [('pretrain', dict(lr=1)), ('pretrain', dict(num_attention_heads=0)), ('pretrain', dict(preset='cpu-small')),
+GOOD_PARAMS = [('pretrain', dict(lr=1)), ('pretrain', dict(num_attention_heads=0)),
+               ('pretrain', dict(preset='cpu-small')),
                ('pretrain', dict(concept_losses='none')), ('pretrain', dict(resume_from='latest')),
                ('pretrain', dict(model_type='diffusion_mlm', objective='prefix_diffusion', t_min=1.0)),
                ('glue', dict(seeds='42,43')), ('glue', dict(tasks='MRPC, sts-b')), ('glue', dict(epochs=0)),
@@ -218,8 +227,10 @@ def cli_subprocesses(tmp_path_factory):
     d = tmp_path_factory.mktemp('cli')
     cmds = dict(
         pretrain=[PY, '-m', 'concept_nb.runs', 'pretrain', '-p', 'lrr', '0.1', '--runs-dir', str(d / 'runs1')],
-        glue=[PY, '-m', 'concept_nb.runs', 'glue', '--checkpoint', '', '-p', 'tasks', 'mrcp', '--runs-dir', str(d / 'runs2')],
-        papermill=[str(Path(PY).parent / 'papermill'), str(TEMPLATES['pretrain']), str(d / 'record.ipynb'), '-p', 'lrr', '0.1',
+        glue=[PY, '-m', 'concept_nb.runs', 'glue', '--checkpoint', '', '-p', 'tasks', 'mrcp', '--runs-dir',
+              str(d / 'runs2')],
+        papermill=[str(Path(PY).parent / 'papermill'), str(TEMPLATES['pretrain']), str(d / 'record.ipynb'), '-p', 'lrr',
+                   '0.1',
                    '-p', 'run_dir', str(d / 'run'), '-k', 'python3', '--cwd', str(NBS), '--no-progress-bar'])
     procs = {k: subprocess.Popen(c, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k, c in cmds.items()}
@@ -245,7 +256,8 @@ def test_papermill_unknown_parameter_on_the_real_notebook(cli_subprocesses):
     assert r['rc'] != 0
     assert not (d / 'run').exists(), 'no run folder: the run stopped before any work'
     nb = nbformat.read(str(d / 'record.ipynb'), as_version=4)
-    errors = [(c, o) for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []) if o.output_type == 'error']
+    errors = [(c, o) for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])
+              if o.output_type == 'error']
     assert len(errors) == 1
     cell, err = errors[0]
     assert 'validate_params(globals()' in cell.source
@@ -325,14 +337,16 @@ def test_interrupted_model_and_checkpoint_saves_keep_the_previous_ones(tmp_path,
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, 'save', dying_save)
     for step in (4, 2):                          # a newer step, and a re-save over the existing step-2
-        with pytest.raises(OSError, match='killed'): CK.save_checkpoint(ck / f'step-{step}', model, opt, state=dict(step=step))
+        with pytest.raises(OSError, match='killed'):
+            CK.save_checkpoint(ck / f'step-{step}', model, opt, state=dict(step=step))
         assert [p.name for p in CK.list_checkpoints(tmp_path / 'run')] == ['step-2']
     monkeypatch.undo()
     assert json.loads((CK.latest_checkpoint(tmp_path / 'run') / 'state.json').read_text())['step'] == 2
     load_model(ck / 'step-2')
 
 
-RUN = dict(hidden_size=32, concept_num=4, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, block_size=32,
+RUN = dict(hidden_size=32, concept_num=4, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+           block_size=32,
            batch_size=4, max_docs=40, eval_max_docs=10, lr=0.003, warmup_steps=2, steps=24, log_every=1, eval_every=12,
            eval_batches=2, save_every=6, keep_checkpoints=0, concept_losses='combined', loss_weighting='kendall_gal',
            wandb_mode='disabled', device='cpu', seed=7, cpu_threads=1)
@@ -384,7 +398,8 @@ def crashed(tmp_path_factory):
         first = d / 'killed' / 'checkpoints' / 'step-6' / 'COMPLETE'
         deadline = time.time() + 300
         while not first.exists():
-            assert a.poll() is None, f"the run ended before its first checkpoint:\n{(d / 'killed.log').read_text()[-3000:]}"
+            assert a.poll() is None, ("the run ended before its first "
+                                      f"checkpoint:\n{(d / 'killed.log').read_text()[-3000:]}")
             assert time.time() < deadline, 'no checkpoint after 300 s'
             time.sleep(0.02)
         time.sleep(0.3)                                       # somewhere inside step 7
@@ -453,7 +468,8 @@ def test_sigkill_during_a_checkpoint_save(crashed):
     ref = crashed['ref_metrics']
     m, ref = m['results'], ref['results']
     assert (m['train_loss_end'], m['eval_loss']) == pytest.approx((ref['train_loss_end'], ref['eval_loss']), abs=1e-6)
-    assert not tmp.exists() and [p.name for p in CK.list_checkpoints(run)] == ['step-6', 'step-12', 'step-18', 'step-24']
+    assert (not tmp.exists()
+            and [p.name for p in CK.list_checkpoints(run)] == ['step-6', 'step-12', 'step-18', 'step-24'])
 
 
 def test_resume_survives_a_half_written_history_line(crashed, tmp_path):
@@ -461,7 +477,8 @@ def test_resume_survives_a_half_written_history_line(crashed, tmp_path):
     shutil.copytree(crashed['killed'], run)
     with open(run / 'history.jsonl', 'a') as f: f.write('{"step": 8, "kind": "train", "lo')
     m = T.run_pretraining({**RUN, 'run_dir': str(run), 'resume_from': 'latest'}, log=QUIET)
-    assert m['results']['train_loss_end'] == pytest.approx(crashed['ref_metrics']['results']['train_loss_end'], abs=1e-6)
+    assert (m['results']['train_loss_end']
+            == pytest.approx(crashed['ref_metrics']['results']['train_loss_end'], abs=1e-6))
 
 
 # ======================================================================================================================
@@ -482,7 +499,8 @@ def test_same_seed_same_loss_curve(crashed, tmp_path):
 
 def test_different_seed_different_curve(crashed, tmp_path):
     "The determinism test can fail: another seed gives another curve."
-    m = T.run_pretraining({**RUN, 'run_dir': str(tmp_path / 'seed8'), 'seed': 8, 'steps': 2, 'eval_every': 0}, log=QUIET)
+    m = T.run_pretraining({**RUN, 'run_dir': str(tmp_path / 'seed8'), 'seed': 8, 'steps': 2, 'eval_every': 0},
+                          log=QUIET)
     assert m['results']['train_loss_start'] != crashed['ref_metrics']['results']['train_loss_start']
 
 
@@ -538,7 +556,8 @@ def test_wrong_shapes_missing_and_unexpected_keys_are_named(good_model, tmp_path
         with pytest.raises((KeyError, ValueError), match=r'encoder\.concepts') as e: f(d)
         assert str(d) in str(e.value)
 
-    d = _variant(good_model, tmp_path, 'unexpected', _edit_tensors(lambda sd: sd.update({'encoder.rogue': torch.zeros(2)})))
+    d = _variant(good_model, tmp_path, 'unexpected',
+                 _edit_tensors(lambda sd: sd.update({'encoder.rogue': torch.zeros(2)})))
     for f in (load_model, lambda p: CK.load_model_weights(_tiny(), p)):
         with pytest.raises((KeyError, ValueError), match=r'unexpected.*encoder\.rogue') as e: f(d)
         assert str(d) in str(e.value)
@@ -546,7 +565,8 @@ def test_wrong_shapes_missing_and_unexpected_keys_are_named(good_model, tmp_path
 
 def test_other_model_types_are_refused(good_model, tmp_path):
     def as_bert(d):
-        c = json.loads((d / 'config.json').read_text()); c['model_type'] = 'bert'; (d / 'config.json').write_text(json.dumps(c))
+        c = json.loads((d / 'config.json').read_text()); c['model_type'] = 'bert'
+        (d / 'config.json').write_text(json.dumps(c))
     d = _variant(good_model, tmp_path, 'bert', as_bert)
     for f in (load_model, lambda p: classifier_from_pretrained(p)):
         with pytest.raises(ValueError, match=re.escape(str(d / 'config.json')) + r".*'bert'"): f(d)
@@ -558,7 +578,8 @@ def test_other_model_types_are_refused(good_model, tmp_path):
     with pytest.raises(ValueError, match=r"unknown architecture 'BertForMaskedLM'"): load_model(d)
     # resuming a checkpoint of one model type into another (e.g. model_type changed between the runs)
     for other in ('weighted_mlm', 'diffusion_mlm'):
-        with pytest.raises(ValueError, match=re.escape(str(good_model)) + r'.*does not match'): CK.load_model_weights(_tiny(other), good_model)
+        with pytest.raises(ValueError, match=re.escape(str(good_model)) + r'.*does not match'):
+            CK.load_model_weights(_tiny(other), good_model)
 
 
 def test_garbage_or_missing_config_is_named(good_model, tmp_path):
@@ -579,7 +600,8 @@ def test_config_json_that_is_not_a_json_object(good_model, tmp_path, content):
 
 def test_config_json_with_an_invalid_field_is_named(good_model, tmp_path):
     def bad_field(d):
-        c = json.loads((d / 'config.json').read_text()); c['hidden_size'] = -3; (d / 'config.json').write_text(json.dumps(c))
+        c = json.loads((d / 'config.json').read_text()); c['hidden_size'] = -3
+        (d / 'config.json').write_text(json.dumps(c))
     d = _variant(good_model, tmp_path, 'bad_field', bad_field)
     with pytest.raises(ValueError, match=re.escape(str(d / 'config.json')) + '.*hidden_size'): load_model(d)
 
@@ -596,7 +618,8 @@ def test_unreadable_pytorch_bin_is_named(good_model, tmp_path, damage):
 
 def test_resume_from_a_checkpoint_of_another_size_is_named(good_model):
     wider = _tiny(hidden_size=32)
-    with pytest.raises(ValueError, match=re.escape(str(good_model)) + '.*shape'): CK.load_model_weights(wider, good_model)
+    with pytest.raises(ValueError, match=re.escape(str(good_model)) + '.*shape'):
+        CK.load_model_weights(wider, good_model)
 
 
 def test_truncated_optimizer_state_is_named(tmp_path):
@@ -619,7 +642,8 @@ def test_init_from_source_problems_are_named(good_model, tmp_path):
         init(_tiny(hidden_size=32), good_model)
     def drop(sd): sd.pop('encoder.concepts')
     d = _variant(good_model, tmp_path, 'missing', _edit_tensors(drop))
-    with pytest.raises(ValueError, match=re.escape(str(d / 'model.safetensors')) + r'.*encoder\.concepts'): init(_tiny(), d)
+    with pytest.raises(ValueError, match=re.escape(str(d / 'model.safetensors')) + r'.*encoder\.concepts'):
+        init(_tiny(), d)
     def rename(sd):
         for k in list(sd): sd['x.' + k] = sd.pop(k)
     d = _variant(good_model, tmp_path, 'no_encoder', _edit_tensors(rename))
@@ -670,13 +694,16 @@ TPL_BODY = textwrap.dedent('''
     time.sleep(sleep_s)
     metrics = dict(status="completed", steps=3, eval_loss=6.5)
 ''').strip()
-TPL_METRICS = 'display({"application/json": metrics}, raw=True)\n(run_dir/"metrics.json").write_text(json.dumps(metrics))'
+TPL_METRICS = ('display({"application/json": metrics}, '
+               'raw=True)\n(run_dir/"metrics.json").write_text(json.dumps(metrics))')
 
 
 @pytest.fixture(scope='module')
 def template(tmp_path_factory):
-    nb = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
-    nb.cells = [nbformat.v4.new_code_cell(TPL_PARAMS, metadata={'tags': ['parameters']}), nbformat.v4.new_code_cell(TPL_BODY),
+    nb = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3',
+                                                           'language': 'python'}})
+    nb.cells = [nbformat.v4.new_code_cell(TPL_PARAMS, metadata={'tags': ['parameters']}),
+                nbformat.v4.new_code_cell(TPL_BODY),
                 nbformat.v4.new_code_cell(TPL_METRICS, metadata={'tags': ['metrics']})]
     p = tmp_path_factory.mktemp('tpl') / 'tiny.ipynb'
     nbformat.write(nb, str(p))
@@ -697,7 +724,7 @@ def test_half_written_records_are_incomplete_not_a_crash(template, tmp_path):
     r, f = copy('truncated_record'); _truncate(r, 0.6)
     r, f = copy('empty_record'); r.write_bytes(b'')
     r, f = copy('binary_record'); r.write_bytes(b'\x80\xff\xfe\x00' * 64); (f / 'metrics.json').unlink()
-    r, f = copy('no_metrics')                                   # killed before the metrics cell: no output, no metrics.json
+    r, f = copy('no_metrics')                               # killed before the metrics cell: no output, no metrics.json
     nb = nbformat.read(str(r), as_version=4)
     nb.cells[-1].outputs = []; nb.cells[-1].execution_count = None
     nbformat.write(nb, str(r)); (f / 'metrics.json').unlink()
@@ -782,11 +809,13 @@ def check_blocks(ds, t, block_size:int, pack:bool):
 def test_text_sources_with_empty_docs_bad_bytes_and_a_1mb_line(tmp_path):
     big = ('lorem ipsum dolor sit amet ' * 40_000)[:1_000_000]
     assert len(big) == 1_000_000
-    (tmp_path / 'a.txt').write_bytes(b'\n\n\n  \n\n' + b'caf\xe9 \xff\xfe bytes \xc3\x28 doc\n\n\n\n' + big.encode() + b'\n\n \t \n')
+    (tmp_path / 'a.txt').write_bytes(b'\n\n\n  \n\n' + b'caf\xe9 \xff\xfe bytes \xc3\x28 doc\n\n\n\n' + big.encode()
+                                     + b'\n\n \t \n')
     (tmp_path / 'b.jsonl').write_bytes(b'\n'.join([b'{"text": ""}', b'', b'{"text": "   "}', b'{"text": "ok \xff doc"}',
                                                    json.dumps({'text': big}).encode(), b'"a bare string doc"', b'  ']))
     with open(tmp_path / 'c.csv', 'w', newline='', encoding='utf-8') as f:
-        w = csv.writer(f); w.writerow(['id', 'text']); w.writerows([[1, ''], [2, big], [3, 'a "quoted",\nmulti-line doc'], [4, ' ']])
+        w = csv.writer(f); w.writerow(['id', 'text'])
+        w.writerows([[1, ''], [2, big], [3, 'a "quoted",\nmulti-line doc'], [4, ' ']])
     (tmp_path / 'empty.txt').write_bytes(b'')
     expect = {'a.txt': ['caf\ufffd \ufffd\ufffd bytes \ufffd( doc', big.strip()],
               'b.jsonl': ['ok \ufffd doc', big.strip(), 'a bare string doc'],
@@ -804,7 +833,8 @@ def test_text_sources_with_empty_docs_bad_bytes_and_a_1mb_line(tmp_path):
 
 def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path):
     docs = ['first\u2028second', 'nel\x85inside', 'para\u2029graph']
-    (tmp_path / 'u.jsonl').write_text('\n'.join(json.dumps({'text': d}, ensure_ascii=False) for d in docs) + '\n', encoding='utf-8')
+    (tmp_path / 'u.jsonl').write_text('\n'.join(json.dumps({'text': d}, ensure_ascii=False) for d in docs) + '\n',
+                                      encoding='utf-8')
     assert list(load_text(tmp_path / 'u.jsonl', 'all')['text']) == docs
 
 
@@ -816,7 +846,8 @@ def test_jsonl_with_a_lone_surrogate_escape(tmp_path):
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 docs_st = st.lists(st.one_of(st.text(max_size=200), st.binary(max_size=200),
-                             st.sampled_from(['', ' ', '\n', '\r\n\r\n', '[SEP]', '[CLS] [PAD]', '\ufeff', '\x00'])), max_size=8)
+                             st.sampled_from(['', ' ', '\n', '\r\n\r\n', '[SEP]', '[CLS] [PAD]', '\ufeff', '\x00'])),
+                   max_size=8)
 
 
 @HYP
@@ -871,8 +902,10 @@ def _collators():
                 MaskedReconstructionCollator(t, deletion_rate=0.95, whole_word=True, pad_to_multiple_of=8, seed=5),
                 MaskedReconstructionCollator(t, deletion_rate=0.0, seed=6), DiffusionCollator(t, seed=7),
                 TSDAECollator(t, seed=12), TSDAECollator(t, deletion_rate=0.95, pad_to_multiple_of=8, seed=13),
-                DiffusionCollator(t, t_min=1.0, pad_to_multiple_of=8, seed=8), DiffusionCollator(t, t_min=0.01, eps=0.1, seed=9),
-                PrefixDiffusionCollator(t, seed=10), PrefixDiffusionCollator(t, prefix_frac=(0.1, 0.9), pad_to_multiple_of=8, seed=11)]
+                DiffusionCollator(t, t_min=1.0, pad_to_multiple_of=8, seed=8),
+                DiffusionCollator(t, t_min=0.01, eps=0.1, seed=9),
+                PrefixDiffusionCollator(t, seed=10),
+                PrefixDiffusionCollator(t, prefix_frac=(0.1, 0.9), pad_to_multiple_of=8, seed=11)]
     return out
 
 
@@ -954,7 +987,7 @@ def test_every_collator_on_random_padded_batches(data):
         if coll.pad_to_multiple_of: assert L % 8 == 0 and am.shape[1] % 8 == 0
         orig, real = _reference(refs, L, pad)
         assert torch.equal(dam, real) and torch.equal(lab, torch.where(real, orig, torch.full_like(orig, IGNORE_INDEX)))
-        keep_always = special(orig) & (orig != t.unk_token_id)           # [CLS]/[SEP]/[MASK]...; [UNK] goes with its word
+        keep_always = special(orig) & (orig != t.unk_token_id)         # [CLS]/[SEP]/[MASK]...; [UNK] goes with its word
         for b in range(B):
             n = int(am[b].sum())
             assert am[b, :n].all() and (out['input_ids'][b][~am[b]] == pad).all(), 'gaps or visible padding'
@@ -991,7 +1024,8 @@ def test_every_collator_on_random_padded_batches(data):
         assert keeps.all(), 'a sequence lost all its tokens'
     else:
         assert torch.equal(out['input_ids'], orig)
-        assert torch.equal(out['attention_mask'].bool(), real) and torch.equal(out['decoder_attention_mask'].bool(), real)
+        assert (torch.equal(out['attention_mask'].bool(), real)
+                and torch.equal(out['decoder_attention_mask'].bool(), real))
         sel = lab != IGNORE_INDEX
         assert not (sel & ~cand).any() and torch.equal(lab[sel], orig[sel])
         assert (out['decoder_input_ids'][sel] == t.mask_token_id).all()
@@ -1013,15 +1047,19 @@ class _Payload:
 def test_pickled_code_in_weights_is_refused(good_model, tmp_path):
     marker = tmp_path / 'CODE_RAN'
     d = _variant(good_model, tmp_path, 'evil', lambda d: ((d / 'model.safetensors').unlink(),
-                                                          torch.save({**read_state_dict(good_model), 'x': _Payload(marker)},
+                                                          torch.save({**read_state_dict(good_model),
+                                                                      'x': _Payload(marker)},
                                                                      d / 'pytorch_model.bin')))
-    for f in (read_state_dict, load_model, lambda p: classifier_from_pretrained(p), lambda p: CK.load_model_weights(_tiny(), p)):
+    for f in (read_state_dict, load_model, lambda p: classifier_from_pretrained(p),
+              lambda p: CK.load_model_weights(_tiny(), p)):
         with pytest.raises(Exception, match='Weights only load failed'): f(d)
     # a transformers (non-concept) checkpoint on the GLUE path
     from transformers import BertConfig
     hf = tmp_path / 'hf'
-    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(hf)
-    torch.save({'bert.embeddings.word_embeddings.weight': torch.zeros(50, 16), 'x': _Payload(marker)}, hf / 'pytorch_model.bin')
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(hf)
+    torch.save({'bert.embeddings.word_embeddings.weight': torch.zeros(50, 16), 'x': _Payload(marker)},
+               hf / 'pytorch_model.bin')
     with pytest.raises(Exception, match='Weights only load failed'): G.build_classifier(str(hf), 'mrpc', tok())
     assert not marker.exists(), 'code from a checkpoint ran'
 
@@ -1056,11 +1094,13 @@ def _sources():
     for f in sorted((ROOT / 'concept_nb').glob('*.py')): yield f'concept_nb/{f.name}', f.read_text()
     for nb in sorted(NBS.glob('*.ipynb')):
         for i, c in enumerate(_code_cells(nb)):
-            yield f'nbs/{nb.name}[{i}]', '\n'.join(l for l in c.source.splitlines() if not l.lstrip().startswith(('%', '!')))
+            yield f'nbs/{nb.name}[{i}]', '\n'.join(l for l in c.source.splitlines()
+                                                   if not l.lstrip().startswith(('%', '!')))
 
 
 UNSAFE_CALLS = {'pickle.load', 'pickle.loads', 'dill.load', 'dill.loads', 'cloudpickle.load', 'cloudpickle.loads',
-                'joblib.load', 'yaml.unsafe_load', 'yaml.full_load', 'torch.jit.load', 'pd.read_pickle', 'pandas.read_pickle',
+                'joblib.load', 'yaml.unsafe_load', 'yaml.full_load', 'torch.jit.load', 'pd.read_pickle',
+                'pandas.read_pickle',
                 'marshal.loads', 'shelve.open'}
 
 
@@ -1072,8 +1112,10 @@ def unsafe_calls(src:str, package:bool=True) -> list[str]:
         f, kw = ast.unparse(n.func), {k.arg: k.value for k in n.keywords}
         true = lambda k, kw=kw: isinstance(kw.get(k), ast.Constant) and kw[k].value is True
         line = f'line {n.lineno}: {ast.unparse(n)[:100]}'
-        if f.split('.')[-1] == 'load' and f.split('.')[0] in ('torch', 'th') and not true('weights_only'): bad.append(line)
-        elif 'trust_remote_code' in kw and not (isinstance(kw['trust_remote_code'], ast.Constant) and kw['trust_remote_code'].value is False):
+        if f.split('.')[-1] == 'load' and f.split('.')[0] in ('torch',
+                                                              'th') and not true('weights_only'): bad.append(line)
+        elif 'trust_remote_code' in kw and not (isinstance(kw['trust_remote_code'], ast.Constant)
+                                                and kw['trust_remote_code'].value is False):
             bad.append(line)
         elif f in UNSAFE_CALLS: bad.append(line)
         elif f == 'yaml.load' and 'Safe' not in ast.unparse(kw.get('Loader', ast.Constant(''))): bad.append(line)
@@ -1083,9 +1125,11 @@ def unsafe_calls(src:str, package:bool=True) -> list[str]:
 
 
 def test_no_unsafe_loading_anywhere():
-    assert len(unsafe_calls("torch.load(p)\ntorch.load(p, weights_only=False)\nAutoModel.from_pretrained(x, trust_remote_code=True)"
-                            "\nyaml.load(s)\npickle.loads(b)\neval(s)")) == 6              # the scan can fail
-    assert unsafe_calls("torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)") == []
+    assert len(unsafe_calls("torch.load(p)\ntorch.load(p, weights_only=False)\nAutoModel.from_pretrained(x, "
+                            # the scan can fail
+                            "trust_remote_code=True)\nyaml.load(s)\npickle.loads(b)\neval(s)")) == 6
+    assert unsafe_calls("torch.load(p, map_location='cpu', weights_only=True)\nyaml.safe_load(s)\nyaml.load(s, "
+                        "Loader=yaml.SafeLoader)") == []
     found, n = {}, 0
     for where, src in _sources():
         n += 1

@@ -46,7 +46,8 @@ BASE = {'BERT-base': {'mrpc': {'f1': 89.5}, 'stsb': {'pearson': 89.4}},
 
 
 def make_template(path):
-    nb = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
+    nb = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3',
+                                                           'language': 'python'}})
     nb.cells = [nbformat.v4.new_markdown_cell('# Tiny run'),
                 nbformat.v4.new_code_cell(PARAMS, metadata={'tags': ['parameters']}),
                 nbformat.v4.new_code_cell(BODY),
@@ -97,7 +98,8 @@ def test_glue_linked_to_pretraining(records):
     reg = RG.load_registry(records['dir']).set_index('run_id')
     g = reg.loc[records['glue'].stem]
     assert g.kind == 'glue' and g.source_run_id == records['pre'].stem
-    assert g.glue == {('mrpc', 'f1'): 80.2, ('mrpc', 'accuracy'): 68.4, ('stsb', 'pearson'): 12.5, ('stsb', 'spearman'): 11.0}
+    assert g.glue == {('mrpc', 'f1'): 80.2, ('mrpc', 'accuracy'): 68.4, ('stsb', 'pearson'): 12.5,
+                      ('stsb', 'spearman'): 11.0}
     assert records['glue'].stem.split('_', 1)[1] == f"glue-mrpc-stsb-{reg.loc[records['pre'].stem].run_name}"
 
 
@@ -187,7 +189,8 @@ def test_cli_bad_parameter_exits_2(tiny, tmp_path):
     assert len(err) == 1 and "'stpes'" in err[0] and "did you mean 'steps'" in err[0]
     assert not any(tmp_path.iterdir()), 'nothing is created before the parameters are valid'
     assert CLI.main(['pretrain', '--template', str(tiny), '-p', 'lr', 'fast', '--runs-dir', str(tmp_path)]) == 2
-    assert CLI.main(['pretrain', '--template', str(tiny), '--preset', 'no-such-preset', '--runs-dir', str(tmp_path)]) == 2
+    assert (CLI.main(['pretrain', '--template', str(tiny), '--preset', 'no-such-preset', '--runs-dir', str(tmp_path)])
+            == 2)
 
 
 def test_cli_real_template_bad_parameter(tmp_path):
@@ -199,7 +202,8 @@ def test_cli_real_template_bad_parameter(tmp_path):
     r = _cli('pretrain', '-p', good[:-1] + 'x', '3', '--runs-dir', str(tmp_path))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and f"'{good}'" in r.stderr
     # cross-parameter rules of the template (more concepts than tokens) also fail before any work
-    assert CLI.main(['pretrain', '-p', 'concept_num', '100', '-p', 'block_size', '64', '--runs-dir', str(tmp_path)]) == 2
+    assert (CLI.main(['pretrain', '-p', 'concept_num', '100', '-p', 'block_size', '64', '--runs-dir', str(tmp_path)])
+            == 2)
     if (ROOT/'nbs'/'91_glue.ipynb').exists():
         assert CLI.main(['glue', '--checkpoint', 'runs/no_such_run', '--runs-dir', str(tmp_path)]) == 2
         assert CLI.main(['glue', '--checkpoint', '', '--tasks', 'mrpcc', '--runs-dir', str(tmp_path)]) == 2
@@ -207,7 +211,8 @@ def test_cli_real_template_bad_parameter(tmp_path):
 
 
 def test_cli_failed_run_exits_1_with_record(tiny, tmp_path):
-    r = _cli('pretrain', '--template', str(tiny), '-p', 'fail', 'True', '-r', 'run_name', '007', '--runs-dir', str(tmp_path))
+    r = _cli('pretrain', '--template', str(tiny), '-p', 'fail', 'True', '-r', 'run_name', '007', '--runs-dir',
+             str(tmp_path))
     assert r.returncode == 1
     line = r.stderr.strip().splitlines()[-1]
     assert 'RuntimeError: requested failure' in line and 'record:' in line
@@ -218,7 +223,8 @@ def test_cli_failed_run_exits_1_with_record(tiny, tmp_path):
 
 def test_unique_run_dirs_same_name_same_second(tiny, tmp_path):
     got = []
-    ts = [threading.Thread(target=lambda: got.append(R.reserve_run_dir(tmp_path, 'same', '2026-02-08'))) for _ in range(8)]
+    ts = [threading.Thread(target=lambda: got.append(R.reserve_run_dir(tmp_path, 'same', '2026-02-08')))
+          for _ in range(8)]
     for t in ts: t.start()
     for t in ts: t.join()
     assert len({d for d, _ in got}) == 8 and {n for _, n in got} == {'same', *(f'same-{i}' for i in range(2, 9))}
@@ -233,7 +239,8 @@ def test_unique_run_dirs_same_name_same_second(tiny, tmp_path):
 
 
 def test_records_keep_figures_under_agg(tmp_path, monkeypatch):
-    nb = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3', 'language': 'python'}})
+    nb = nbformat.v4.new_notebook(metadata={'kernelspec': {'name': 'python3', 'display_name': 'python3',
+                                                           'language': 'python'}})
     nb.cells = [nbformat.v4.new_code_cell('run_dir: str = ""\nrun_name: str = ""', metadata={'tags': ['parameters']}),
                 nbformat.v4.new_code_cell('import matplotlib.pyplot as plt\nplt.plot([1, 2, 3]);')]
     nbformat.write(nb, str(tmp_path/'plot.ipynb'))
@@ -252,9 +259,11 @@ def test_report_notebook_runs_on_test_records(records, tmp_path):
     nb = nbformat.read(str(out), as_version=4)
     text = json.dumps([c.get('outputs', []) for c in nb.cells])
     assert '4 records' in text and 'Experiment log' in text and 'Results vs Baselines' in text
-    assert sum('image/png' in o.get('data', {}) for c in nb.cells for o in c.get('outputs', [])) >= 2   # even under MPLBACKEND=Agg
+    # even under MPLBACKEND=Agg
+    assert sum('image/png' in o.get('data', {}) for c in nb.cells for o in c.get('outputs', [])) >= 2
     empty = tmp_path/'empty'; empty.mkdir()
-    pm.execute_notebook(str(ROOT/'nbs'/'92_report.ipynb'), str(tmp_path/'empty.ipynb'), parameters={'runs_dir': str(empty)},
+    pm.execute_notebook(str(ROOT/'nbs'/'92_report.ipynb'), str(tmp_path/'empty.ipynb'),
+                        parameters={'runs_dir': str(empty)},
                         kernel_name='python3', cwd=str(ROOT/'nbs'), progress_bar=False)
 
 

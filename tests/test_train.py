@@ -1,4 +1,5 @@
-"Integration tests of concept_nb.train: exact resume, non-finite stop, 2-process DDP, the CLI and the papermill run notebook."
+("Integration tests of concept_nb.train: exact resume, non-finite stop, 2-process DDP, "
+ "the CLI and the papermill run notebook.")
 import json, os, shutil, subprocess, sys, textwrap
 from pathlib import Path
 import pytest, torch
@@ -63,7 +64,7 @@ def test_resume_reproduces_every_later_loss(tmp_path, setup):
     shutil.rmtree(Path(P3['run_dir']) / 'checkpoints' / 'step-6')          # as if killed while/before saving step 6
     assert latest_checkpoint(P3['run_dir']).name == 'step-4'
     h3, m3, lm3 = _run(P3, resume_from='latest')
-    _same(_losses(full), _losses(h3))                                      # records 1-4 from history.jsonl, 5-8 recomputed
+    _same(_losses(full), _losses(h3))                                   # records 1-4 from history.jsonl, 5-8 recomputed
     recs = [json.loads(l) for l in (Path(P3['run_dir']) / 'history.jsonl').read_text().splitlines()]
     assert [r['step'] for r in recs if r['kind'] == 'train'] == list(range(1, 9))   # no duplicate steps 5, 6
     for a, b in zip([*m_full.parameters(), *lm_full.parameters()], [*m3.parameters(), *lm3.parameters()]):
@@ -143,7 +144,7 @@ def test_two_process_ddp_ranks_agree(tmp_path):
     assert set(a['first_rows']).isdisjoint(b['first_rows'])               # each process reads its own rows
     assert a['losses'] == b['losses'] and list(a['losses']) == [str(s) for s in range(1, 7)]
     assert a['eval'] == b['eval'] and a['rank_eff'] == b['rank_eff']
-    assert a['params'] == b['params']                                      # DDP kept the replicas (and loss weights) equal
+    assert a['params'] == b['params']                                   # DDP kept the replicas (and loss weights) equal
     ck = tmp_path / 'run' / 'checkpoints' / 'step-6'
     assert (ck / 'COMPLETE').exists() and (ck / 'rng_state_0.pt').exists() and (ck / 'rng_state_1.pt').exists()
 
@@ -165,7 +166,8 @@ def test_torchrun_concept_nb_pretrain_writes_run_record(tmp_path):
     env = {**os.environ, 'PATH': f"{_console_script(tmp_path)}{os.pathsep}{os.environ['PATH']}", 'OMP_NUM_THREADS': '1',
            'WANDB_MODE': 'disabled', 'TOKENIZERS_PARALLELISM': 'false'}
     runs = tmp_path / 'runs'
-    args = ['--preset', 'smoke', '--runs-dir', str(runs), '-p', 'steps', '6', '-p', 'eval_every', '3', '-p', 'lr', '3e-3',
+    args = ['--preset', 'smoke', '--runs-dir', str(runs), '-p', 'steps', '6', '-p', 'eval_every', '3', '-p', 'lr',
+            '3e-3',
             '-p', 'wandb_mode', 'disabled', '-p', 'max_docs', '40', '-p', 'device', 'cpu']
     r = subprocess.run([str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2', '--no-python', 'concept-nb',
                         'pretrain', *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -188,7 +190,8 @@ def test_torchrun_concept_nb_pretrain_writes_run_record(tmp_path):
 def test_params_validation_and_presets():
     with pytest.raises(ParamError, match="did you mean 'steps'"): run_pretraining({'stepz': 3})
     with pytest.raises(ParamError, match='cannot learn objective'): resolve_params(dict(model_type='diffusion_mlm'))
-    assert {'smoke', 'cpu-small', 'upstream-l6-canonical', 'upstream-l6-kendall-gal', 'upstream-l6-fixed01'} <= set(list_presets())
+    assert ({'smoke', 'cpu-small', 'upstream-l6-canonical', 'upstream-l6-kendall-gal', 'upstream-l6-fixed01'}
+            <= set(list_presets()))
     for name in list_presets():
         P = resolve_params(dict(preset=name, run_dir='/nonexistent/not-created'), log=lambda *a: None)
         assert P['concept_num'] < P['block_size']
@@ -202,7 +205,8 @@ def test_params_validation_and_presets():
         d = load_preset(n)
         assert (d['concept_losses'], d['schedule'], d['warmup_steps']) == ('combined', 'cosine', 1500)
     assert load_preset('upstream-l6-kendall-gal')['loss_weighting'] == 'kendall_gal'
-    assert (load_preset('upstream-l6-fixed01')['loss_weighting'], load_preset('upstream-l6-fixed01')['loss_weight']) == ('fixed', 0.1)
+    assert ((load_preset('upstream-l6-fixed01')['loss_weighting'], load_preset('upstream-l6-fixed01')['loss_weight'])
+            == ('fixed', 0.1))
     # explicit values win over the preset; values left at the default take the preset's
     P = resolve_params(dict(preset='cpu-small', steps=7, run_dir='/nonexistent/x'), log=lambda *a: None)
     assert P['steps'] == 7 and P['hidden_size'] == load_preset('cpu-small')['hidden_size']
@@ -211,7 +215,8 @@ def test_params_validation_and_presets():
 @pytest.mark.parametrize('notebook, module, specs', [('90_pretrain', 'pretrain', 'PRETRAIN_SPECS'),
                                                      ('91_glue', 'glue', 'GLUE_SPECS')])
 def test_notebook_parameters_are_the_defaults(notebook, module, specs):
-    "The literal papermill cell of each run notebook equals its params dataclass: names (in order), types, defaults, help."
+    ("The literal papermill cell of each run notebook equals its params dataclass: names (in order), types, defaults, "
+     "help.")
     import importlib, papermill as pm
     specs = getattr(importlib.import_module(f'concept_nb.{module}'), specs)
     declared = pm.inspect_notebook(str(ROOT / 'nbs' / f'{notebook}.ipynb'))
@@ -227,7 +232,8 @@ def test_derived_parameter_tables():
     from concept_nb import glue as G, pretrain as PT
     for name in ('PRETRAIN', 'GLUE'):
         specs = getattr(PT if name == 'PRETRAIN' else G, f'{name}_SPECS')
-        defaults, types, rules = (getattr(PT if name == 'PRETRAIN' else G, f'{name}_{t}') for t in ('DEFAULTS', 'TYPES', 'RULES'))
+        defaults, types, rules = (getattr(PT if name == 'PRETRAIN' else G, f'{name}_{t}')
+                                  for t in ('DEFAULTS', 'TYPES', 'RULES'))
         assert defaults == {k: d['default'] for k, d in specs.items()}, name
         assert types == {k: d['type'] for k, d in specs.items()}, name
         assert rules == {k: d['rule'] for k, d in specs.items() if d['rule'] is not None}, name
@@ -249,16 +255,19 @@ def test_papermill_run_notebook(tmp_path):
     pm.execute_notebook(str(ROOT / 'nbs' / '90_pretrain.ipynb'), str(out), kernel_name='python3', cwd=str(ROOT / 'nbs'),
                         progress_bar=False,
                         parameters=dict(run_dir=str(run), steps=8, eval_every=4, save_every=4, log_every=2,
-                                        concept_losses='orthogonality', loss_weighting='kendall_gal', wandb_mode='disabled'))
+                                        concept_losses='orthogonality', loss_weighting='kendall_gal',
+                                        wandb_mode='disabled'))
     m = json.loads((run / 'metrics.json').read_text())
-    assert m['status'] == 'completed' and m['train']['steps'] == 8 and m['results']['eval_loss'] < m['results']['eval_loss_start']
+    assert (m['status'] == 'completed' and m['train']['steps'] == 8
+            and m['results']['eval_loss'] < m['results']['eval_loss_start'])
     nb = nbformat.read(str(out), as_version=4)
     cell = [c for c in nb.cells if 'metrics' in c.metadata.get('tags', [])]
     assert len(cell) == 1 and cell[0] is nb.cells[-1]
     shown = [o['data']['application/json'] for o in cell[0].outputs if 'application/json' in o.get('data', {})]
     assert shown == [m]
     assert nb.metadata.papermill.parameters['steps'] == 8
-    for f in ('params.json', 'history.jsonl', 'log.txt', 'config.json', 'model/model.safetensors', 'model/tokenizer.json',
+    for f in ('params.json', 'history.jsonl', 'log.txt', 'config.json', 'model/model.safetensors',
+              'model/tokenizer.json',
               'figures/loss_curves.png', 'figures/training_dynamics.png', 'figures/similarity_heatmap.png',
               'figures/svd_spectrum.png', 'checkpoints/step-8/COMPLETE'):
         assert (run / f).exists(), f

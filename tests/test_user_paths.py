@@ -44,7 +44,8 @@ def _history(run_dir:Path) -> list:
 
 
 def test_console_run_is_short_and_quiet(tmp_path):
-    "`concept-nb pretrain` at the smoke defaults through papermill: the cells' progress lines and the record's headline,"
+    ("`concept-nb pretrain` at the smoke defaults through papermill: the cells' progress lines and the record's "
+     "headline,")
     "no parameter table, figure reprs, papermill notices, kernel or progress-bar warnings."
     r = subprocess.run([sys.executable, '-m', 'concept_nb.cli', 'pretrain', '--runs-dir', str(tmp_path / 'runs')],
                        cwd=tmp_path, env=WANDB_ON, capture_output=True, text=True, timeout=600)
@@ -71,8 +72,9 @@ def test_ctrl_c_says_one_line_and_resume_continues_the_same_run(tmp_path, capfd)
     assert p.returncode == 130, (out[-2000:], err[-3000:])
     assert err.strip().count('\n') == 0 and 'Traceback' not in err + out, err[-3000:]
     assert re.match(r"concept-nb pretrain: interrupted at step \d+ .*last complete checkpoint .*step-\d+; ", err), err
-    run_dir = next(d for d in runs.iterdir() if d.is_dir())                 # the command to paste: this python, this run
-    assert err.strip().endswith(f'continue with: {sys.executable} -m concept_nb.cli pretrain --resume runs/{run_dir.name}'), err
+    run_dir = next(d for d in runs.iterdir() if d.is_dir())                # the command to paste: this python, this run
+    assert err.strip().endswith(f'continue with: {sys.executable} -m concept_nb.cli pretrain --resume '
+                                f'runs/{run_dir.name}'), err
     assert RG.load_registry(runs).status.tolist() == ['interrupted']
     assert not _noise(out), out
     capfd.readouterr()
@@ -112,7 +114,8 @@ def _glue_record(runs:Path, name:str, pre:Path, n_train:int, n_dev:int, f1:float
     view = metrics_record([r, *[dict(task=t, mode='finetune', status='skipped', message='no data') for t in skipped]],
                           checkpoint=str(pre / 'model'), source_run=pre.name.split('_', 1)[1])
     write_record(d, **upgrade_record(view, kind='glue'))
-    (d / 'run.json').write_text(json.dumps(dict(kind='glue', run_name=name, parameters={'checkpoint': str(pre / 'model')})))
+    (d / 'run.json').write_text(json.dumps(dict(kind='glue', run_name=name,
+                                                parameters={'checkpoint': str(pre / 'model')})))
     return d
 
 
