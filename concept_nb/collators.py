@@ -288,7 +288,8 @@ class MLMCollator(BaseCollator):
         if masking not in MASKING_MODES: raise ValueError(f"masking must be one of {MASKING_MODES}, got {masking!r}")
         lo, hi = span_length
         if not 1 <= lo <= hi: raise ValueError(f"span_length must be (lo, hi) with 1 <= lo <= hi, got {span_length}")
-        self.mlm_probability, self.mask_replace_prob, self.random_replace_prob = mlm_probability, mask_replace_prob, random_replace_prob
+        self.mlm_probability, self.mask_replace_prob = mlm_probability, mask_replace_prob
+        self.random_replace_prob = random_replace_prob
         self.masking, self.span_length = masking, (int(lo), int(hi))
         self.mask_token_id = _token_id(tokenizer, 'mask_token_id')
         vocab = torch.arange(len(tokenizer))

@@ -357,7 +357,7 @@ def test_no_source_explains(monkeypatch):
     with pytest.raises(FileNotFoundError, match='/definitely/missing'): load_task('rte', source='/definitely/missing')
 
 
-# ---------------------------------------------------------------- original layouts written here (QQP, MNLI, PAWS, SICK, ...)
+# ----------------------------------------------------------- original layouts written here (QQP, MNLI, PAWS, SICK, ...)
 
 def _tsv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,8 +48,9 @@ def small_config(**kw):
                 cls_token_id=t.cls_token_id, sep_token_id=t.sep_token_id, tokenizer_name='embedded', **kw)
 
 def model_for(name, seed=0, **kw):
-    """A small model in eval mode. AdaLN-Zero starts every denoiser block as the identity, so an untrained diffusion decoder
-    ignores the concepts: its modulation is randomised here, as training would, so that tests see the concepts' effect."""
+    """A small model in eval mode. AdaLN-Zero starts every denoiser block as the identity, so an untrained diffusion
+    decoder ignores the concepts: its modulation is randomised here, as training would, so that tests see the concepts'
+    effect."""
     torch.manual_seed(seed)
     model = build_model(name, **small_config(**kw)).eval()
     for m in model.modules():
@@ -142,10 +143,10 @@ def test_padding_is_never_content_end_to_end(objective, name, cfg, ckw):
 
 
 def test_tsdae_model_encodes_the_closed_up_survivors():
-    """issue 14, defect 4: the `tsdae` encoder must see only the surviving tokens at consecutive positions 0..n-1 (before,
-    deleted tokens kept their positions and the survivors sat at their original ones, so the encoder knew where the
-    gaps were), and the model must rebuild the whole original text: its loss is the dense CE over every real token of
-    the original documents, decoded at positions 0..N-1 from the concepts."""
+    """issue 14, defect 4: the `tsdae` encoder must see only the surviving tokens at consecutive positions 0..n-1
+    (before, deleted tokens kept their positions and the survivors sat at their original ones, so the encoder knew
+    where the gaps were), and the model must rebuild the whole original text: its loss is the dense CE over every real
+    token of the original documents, decoded at positions 0..N-1 from the concepts."""
     t = tok()
     batch = collator_for('tsdae', t, seed=4)(features(LENGTHS))
     model = model_for('tsdae_posonly')

@@ -116,11 +116,12 @@ DDP_SCRIPT = textwrap.dedent('''
     from concept_nb.train import train, TrainConfig
     out = Path(sys.argv[1])
     state = PartialState(cpu=True)
-    P = resolve_params(dict(hidden_size=32, concept_num=4, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                            block_size=32, batch_size=4, max_docs=40, eval_max_docs=10, lr=3e-3, steps=6, log_every=1,
-                            eval_every=3, eval_batches=2, save_every=3, grad_accum=2, use_bixt=True,
-                            concept_losses='combined', loss_weighting='kendall_gal', wandb_mode='disabled', device='cpu',
-                            run_dir=str(out / 'run'), run_name='ddp'), log=lambda *a: None)
+    P = resolve_params(dict(hidden_size=32, concept_num=4, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, block_size=32, batch_size=4, max_docs=40, eval_max_docs=10, lr=3e-3,
+                            steps=6, log_every=1, eval_every=3, eval_batches=2, save_every=3, grad_accum=2,
+                            use_bixt=True, concept_losses='combined', loss_weighting='kendall_gal',
+                            wandb_mode='disabled', device='cpu', run_dir=str(out / 'run'), run_name='ddp'),
+                       log=lambda *a: None)
     model, tok, tr, ev, lm = build_pretraining(P, log=lambda *a: None)
     h = train(model, tr, ev, lm, TrainConfig.from_params(P), P['run_dir'], tok, log=lambda *a: None)
     params = torch.cat([q.detach().flatten() for q in [*model.parameters(), *lm.parameters()]])
