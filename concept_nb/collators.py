@@ -44,8 +44,8 @@ def _edge_classes(raw:bytes) -> tuple[int, int]:
         try: return _char_class(chunk.decode('utf-8'))
         except UnicodeDecodeError: return _GLUE
     if not raw: return _GLUE, _GLUE
-    first = _GLUE if 0x80 <= raw[0] < 0xC0 else cls(raw[:1 if raw[0] < 0x80 else 2 if raw[0] < 0xE0 else 3
-                                                        if raw[0] < 0xF0 else 4])
+    first = (_GLUE if 0x80 <= raw[0] < 0xC0
+             else cls(raw[:1 if raw[0] < 0x80 else 2 if raw[0] < 0xE0 else 3 if raw[0] < 0xF0 else 4]))
     j = len(raw) - 1
     while j > 0 and 0x80 <= raw[j] < 0xC0: j -= 1
     return first, cls(raw[j:])

@@ -259,16 +259,16 @@ def check_tokenizer(tok:PreTrainedTokenizerBase, # tokenizer to check
     missing = [t for t in ('pad_token', 'mask_token') if getattr(tok, f'{t}_id', None) is None]
     if missing:
         raise ValueError(f"{name} has no {' / '.join(missing)}: masked-LM training and padding need both. "
-                         "Add them with "
-                         "tok.add_special_tokens({'pad_token': '[PAD]', 'mask_token': "
-                         "'[MASK]'}) (and resize the model's embeddings), or use a tokenizer that has them (e.g. "
-                         "'embedded' or a BERT/ModernBERT tokenizer).")
+                         "Add them with tok.add_special_tokens({'pad_token': '[PAD]', 'mask_token': '[MASK]'}) "
+                         "(and resize the model's embeddings), or use a tokenizer that has them (e.g. 'embedded' or a "
+                         "BERT/ModernBERT tokenizer).")
     return tok
 
-# 'embedded[-wordpiece|-bpe][-VOCAB]', a path or a hub name
-def load_tokenizer(name_or_path:str|Path|PreTrainedTokenizerBase='embedded',
-                   **kwargs, # passed to `AutoTokenizer.from_pretrained`
-                  ) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+        # 'embedded[-wordpiece|-bpe][-VOCAB]', a path or a hub name
+        name_or_path:str|Path|PreTrainedTokenizerBase='embedded',
+        **kwargs, # passed to `AutoTokenizer.from_pretrained`
+    ) -> PreTrainedTokenizerBase:
     "Load (or train once and cache) a tokenizer; checks that it has pad and mask tokens."
     if isinstance(name_or_path, PreTrainedTokenizerBase): return check_tokenizer(name_or_path)
     name = str(name_or_path)
@@ -365,8 +365,8 @@ def _hub_text(source, split, streaming, text_column, **kwargs):
     else: name, hold = 'train', (None if {'validation', 'test'} & set(names) else False)
     ds = _hub_columns(dd[name], source, text_column)
     if hold is not None:  # no held-out split on the hub: 1% of train by hash of the text
-        ds = ds.filter(lambda t: (int(hashlib.sha1((t or '').encode('utf-8', 'replace')).hexdigest()[:8],
-                                      16) % 100 == 0) == hold,
+        ds = ds.filter(lambda t: (int(hashlib.sha1((t or '').encode('utf-8', 'replace')).hexdigest()[:8], 16)
+                                  % 100 == 0) == hold,
                        input_columns='text')
     return ds
 
@@ -466,8 +466,9 @@ def _as_rows(x) -> list:
     if hasattr(x, 'tolist'): x = x.tolist()
     return [x] if len(x) == 0 or not isinstance(x[0], (list, tuple)) else list(x)
 
-# a Dataset / list of examples with `input_ids`, or collated batches with `attention_mask`
-def real_token_fraction(dataset_or_batches,
+def real_token_fraction(
+                        # a Dataset / list of examples with `input_ids`, or collated batches with `attention_mask`
+                        dataset_or_batches,
                         block_size:int|None=None, # sequences count as padded to this length (default: their own length)
                         special_ids:Sequence[int]|None=None, # also count these ids as not-text (e.g. cls/sep)
                        ) -> float:

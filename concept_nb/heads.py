@@ -181,8 +181,8 @@ class AdaLNZeroBlock(nn.Module):
     def __init__(self, config:ConceptEncoderConfig):
         super().__init__()
         H, eps = config.hidden_size, config.layer_norm_eps
-        self.ln_q, self.ln_f = nn.LayerNorm(H, eps=eps, elementwise_affine=False), nn.LayerNorm(H, eps=eps,
-                                                                                                elementwise_affine=False)
+        self.ln_q, self.ln_f = (nn.LayerNorm(H, eps=eps, elementwise_affine=False),
+                                nn.LayerNorm(H, eps=eps, elementwise_affine=False))
         self.ln_c = nn.LayerNorm(H, eps=eps)
         self.cross, self.ffn = Attention(config), GatedFFN(config)
         self.ada = nn.Linear(H, 6 * H); self.ada._zero_init = True            # blocks start as the identity
@@ -340,8 +340,8 @@ class WeightedPool(nn.Module):
     "Softmax-weighted sum of the concepts, then LayerNorm: (B, C, H) -> (B, H)."
     def __init__(self, config):
         super().__init__()
-        self.score, self.norm = nn.Linear(config.hidden_size, 1), nn.LayerNorm(config.hidden_size,
-                                                                               eps=config.layer_norm_eps)
+        self.score, self.norm = (nn.Linear(config.hidden_size, 1),
+                                 nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
     def forward(self, c): return self.norm((self.score(c).softmax(1) * c).sum(1))
 
 class ClsQueryPool(nn.Module):

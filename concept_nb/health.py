@@ -55,8 +55,8 @@ def concept_attention(model:nn.Module, # a ConceptEncoder or a model with `.enco
         out = enc(input_ids=b['input_ids'].to(device), attention_mask=b['attention_mask'].to(device),
                   output_attentions=True)
     if out.attentions is None: raise ValueError("model: the encoder returned no attentions for output_attentions=True")
-    return tuple(a.detach().float().cpu()
-                 for a in out.attentions), tokenizer.convert_ids_to_tokens(b['input_ids'][0].tolist())
+    return (tuple(a.detach().float().cpu() for a in out.attentions),
+            tokenizer.convert_ids_to_tokens(b['input_ids'][0].tolist()))
 
 # %% ../nbs/11_health.ipynb #9ae0cfba
 def plot_attention_map(attn, # `.attentions` tuple, a (B, heads, C, N) tensor or a (C, N) map
@@ -253,8 +253,8 @@ def _lm_checks(model:nn.Module, tokenizer, ids, am, masked, labels) -> list[dict
         loss = float(_lm_call(model, ids, am, masked, labels).loss)
         ok = math.isfinite(loss) and 0 < loss < 100
         rows.append(_row('loss_sanity', 'pass' if ok else 'fail', f"loss {loss:.4f} on {int((labels != -100).sum())} "
-                         f"labelled tokens (ln V = {math.log(max(len(tokenizer), 2)):.2f}); must be finite, in (0, "
-                         "100)"))
+                         f"labelled tokens (ln V = {math.log(max(len(tokenizer), 2)):.2f}); "
+                         "must be finite, in (0, 100)"))
     except Exception as e: rows.append(_row('loss_sanity', 'fail', f"{type(e).__name__}: {e}"))
     return rows
 

@@ -111,8 +111,8 @@ def _cov_term(x, correlation=False):
     if n < 2: raise ValueError(f"covariance needs at least 2 rows, got {n}")
     x = x - x.mean(dim=-2, keepdim=True)
     cov = x.transpose(-1, -2) @ x / (n - 1)
-    if not correlation: return (cov.masked_fill(torch.eye(h, dtype=torch.bool, device=x.device),
-                                                0) ** 2).sum((-1, -2)).mean() / h
+    if not correlation:
+        return (cov.masked_fill(torch.eye(h, dtype=torch.bool, device=x.device), 0) ** 2).sum((-1, -2)).mean() / h
     s = torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1) + 1e-8)
     r = cov / (s[..., :, None] * s[..., None, :])
     return ((r ** 2).sum((-1, -2)) - torch.diagonal(r, dim1=-2, dim2=-1).sum(-1) ** 2 / min(n - 1, h)).mean() / h
@@ -216,9 +216,8 @@ class LossConfig:
     def __post_init__(self):
         self.concept_losses = _losses_list(self.concept_losses)
         for n in self.concept_losses: get_loss(n)
-        if len(set(self.concept_losses)) != len(self.concept_losses): raise ValueError("concept_losses has "
-                                                                                       "duplicates: "
-                                                                                       f"{self.concept_losses}")
+        if len(set(self.concept_losses)) != len(self.concept_losses):
+            raise ValueError(f"concept_losses has duplicates: {self.concept_losses}")
         if self.weighting not in WEIGHTINGS: raise _unknown('weighting', self.weighting, WEIGHTINGS)
         w = self.loss_weights
         if isinstance(w, (int, float)):

@@ -99,8 +99,8 @@ def _init_rule(v):
 def _path_rule(what:str):
     "A rule for `data` / `tokenizer`: names and hub ids pass; a path-like value must exist."
     def rule(v):
-        if v.startswith(('.', '/', '~')) or Path(v).suffix.lower() in ('.txt', '.jsonl', '.json', '.csv', '.tsv',
-                                                                       '.parquet'):
+        if (v.startswith(('.', '/', '~'))
+                or Path(v).suffix.lower() in ('.txt', '.jsonl', '.json', '.csv', '.tsv', '.parquet')):
             if not Path(v).expanduser().exists(): return (f"{what} {v!r} does not exist (relative paths resolve from "
                                                           f"{Path.cwd()})")
         return None

@@ -45,15 +45,14 @@ TASK_NAMES = {'cola': 'CoLA', 'sst2': 'SST-2', 'mrpc': 'MRPC', 'stsb': 'STS-B', 
               'sick_relatedness_zero_shot': 'SICK-R zero-shot'}
 METRIC_NAMES = {'accuracy': 'acc', 'f1': 'F1', 'mcc': 'MCC', 'pearson': 'Pearson', 'spearman': 'Spearman'}
 KEY_METRIC = {'cola': 'mcc', 'sst2': 'accuracy', 'mrpc': 'f1', 'stsb': 'pearson', 'qqp': 'f1',
-              'mnli_matched': 'accuracy',
-              'mnli_mismatched': 'accuracy', 'qnli': 'accuracy', 'rte': 'accuracy', 'wnli': 'accuracy',
-              'paws': 'accuracy',
+              'mnli_matched': 'accuracy', 'mnli_mismatched': 'accuracy', 'qnli': 'accuracy', 'rte': 'accuracy',
+              'wnli': 'accuracy', 'paws': 'accuracy',
               'sick_relatedness': 'pearson', 'sick_entailment': 'accuracy', 'stsb_zero_shot': 'spearman',
               'sick_relatedness_zero_shot': 'spearman'}
 _TASK_ALIASES = {re.sub(r'[^a-z0-9]', '', k): k for k in TASK_NAMES} | {
     'sst': 'sst2', 'mnli': 'mnli_matched', 'mnlim': 'mnli_matched', 'mnlimm': 'mnli_mismatched',
-    'sickr': 'sick_relatedness',
-    'sicke': 'sick_entailment', 'stsbzeroshot': 'stsb_zero_shot', 'sickrzeroshot': 'sick_relatedness_zero_shot'}
+    'sickr': 'sick_relatedness', 'sicke': 'sick_entailment', 'stsbzeroshot': 'stsb_zero_shot',
+    'sickrzeroshot': 'sick_relatedness_zero_shot'}
 _METRIC_ALIASES = {'acc': 'accuracy', 'accuracy': 'accuracy', 'f1': 'f1', 'mcc': 'mcc', 'matthews': 'mcc',
                    'matthewscorrcoef': 'mcc', 'pearson': 'pearson', 'pearsonr': 'pearson', 'spearman': 'spearman',
                    'spearmanr': 'spearman'}
@@ -335,8 +334,8 @@ def _link_sources(df:pd.DataFrame):
             for part in Path(str(r.checkpoint or '')).parts[::-1]:
                 if part in by_id: sid = part; break
                 if part.endswith('.ipynb') and part[:-6] in by_id: sid = part[:-6]; break
-            if sid is None and r.source_run: sid = by_name.get(r.source_run) or (r.source_run if r.source_run in by_id
-                                                                                 else None)
+            if sid is None and r.source_run:
+                sid = by_name.get(r.source_run) or (r.source_run if r.source_run in by_id else None)
         out.append(sid)
     df['source_run_id'] = out
 
