@@ -490,8 +490,8 @@ def test_collator_for_and_errors():
     with pytest.raises(ValueError, match='pad_to_multiple_of'): TSDAECollator(tok, pad_to_multiple_of=0)
 
 
-@pytest.mark.parametrize('objective,model,kw',
-                         [('mlm', 'perceiver_mlm', {}), ('mlm', 'perceiver_mlm', {'masking': 'span'}),
+@pytest.mark.parametrize('objective,model,kw', [('mlm', 'perceiver_mlm', {}),
+                                                 ('mlm', 'perceiver_mlm', {'masking': 'span'}),
                                                  ('tsdae', 'tsdae_posonly', {}), ('diffusion', 'diffusion_mlm', {}),
                                                  ('masked_reconstruction', 'masked_reconstruction_posonly', {}),
                                                  ('prefix_diffusion', 'diffusion_mlm', {})])

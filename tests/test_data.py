@@ -482,8 +482,8 @@ def test_cola_layouts_and_unlabelled_test(tmp_path):
     assert t['sentence1'] == ['Bill whistled past the house.'] and t['label'] == [-1]
     _tsv(tmp_path/'STS-B'/'test.tsv',
          [['index', 'genre', 'filename', 'year', 'old_index', 'source1', 'source2', 'sentence1', 'sentence2'],
-                                       [0, 'main-captions', 'MSRvid', '2012test', '0024', 'none', 'none',
-                                        'A girl is styling her hair.', 'A girl is brushing her hair.']])
+          [0, 'main-captions', 'MSRvid', '2012test', '0024', 'none', 'none', 'A girl is styling her hair.',
+           'A girl is brushing her hair.']])
     assert load_task('stsb', 'test', tmp_path)['label'] == [-1.0]
 
 def test_quotes_are_not_special(tmp_path):
@@ -507,7 +507,7 @@ def test_malformed_rows_name_file_and_line(tmp_path, row, msg):
 def test_malformed_numeric_labels_and_headers(tmp_path):
     _tsv(tmp_path/'STS-B'/'dev.tsv',
          [['index', 'genre', 'filename', 'year', 'old_index', 'source1', 'source2', 'sentence1', 'sentence2', 'score'],
-                                      [0, 'g', 'f', 'y', 'o', 'n', 'n', 'A.', 'B.', 'high']])
+          [0, 'g', 'f', 'y', 'o', 'n', 'n', 'A.', 'B.', 'high']])
     with pytest.raises(TaskDataError, match=r"dev\.tsv, line 2: label 'high' .* not a number"):
         load_task('stsb', 'validation', tmp_path)
     _tsv(tmp_path/'WNLI'/'dev.tsv', [['index', 'sentence1', 'sentence2', 'label'], [0, 'A.', 'B.', 7]])
