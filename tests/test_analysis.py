@@ -94,8 +94,8 @@ def upstream_reference(x):
 @pytest.mark.parametrize('shape', [(5, 3, 8), (7, 6, 4), (3, 9, 12)])
 def test_upstream_metrics_match_reference(shape):
     g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(*shape, generator=g,
-                    dtype=torch.float64) + torch.randn(1, *shape[1:], generator=g, dtype=torch.float64)
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64)
+         + torch.randn(1, *shape[1:], generator=g, dtype=torch.float64))
     x[:, :, 0] = 0.5  # one collapsed dimension
     m, ref = concept_metrics(x), upstream_reference(x)
     assert set(ref) == set(UPSTREAM_KEYS)

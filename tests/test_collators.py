@@ -126,8 +126,9 @@ def test_word_boundaries_metaspace():
     from transformers import PreTrainedTokenizerFast
     t = Tokenizer(models.BPE(unk_token='[UNK]', byte_fallback=True))
     t.pre_tokenizer, t.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    t.train_from_iterator(docs()[:500], trainers.BpeTrainer(vocab_size=2000, special_tokens=['[PAD]', '[UNK]', '[CLS]',
-                                                                                             '[SEP]', '[MASK]']))
+    t.train_from_iterator(docs()[:500],
+                          trainers.BpeTrainer(vocab_size=2000,
+                                              special_tokens=['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']))
     t.post_processor = processors.TemplateProcessing(single='[CLS] $A [SEP]',
                                                      special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
     tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token='[PAD]', unk_token='[UNK]', cls_token='[CLS]',
@@ -186,8 +187,8 @@ def kept_words(units, kept):
     for toks, must in units:
         nxt = {} if must else dict(reach)
         for j, n in reach.items():
-            if tuple(kept[j:j + len(toks)]) == toks: nxt[j + len(toks)] = max(nxt.get(j + len(toks), -1),
-                                                                              n + (not must))
+            if tuple(kept[j:j + len(toks)]) == toks:
+                nxt[j + len(toks)] = max(nxt.get(j + len(toks), -1), n + (not must))
         reach = nxt
     return reach.get(len(kept))
 
