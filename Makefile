@@ -31,8 +31,8 @@ install: $(STAMP)
 sync-check: install
 	bash .ci/sync_check.sh $(BIN)
 
-# ruff (rules in pyproject.toml: F, E9, B, E501 at 120 characters) over the exported library, tests and benchmarks.
-# ruff with pyproject.toml's config; .ci/lint.py drops only the long lines of nbdev's own `__all__` blocks.
+# ruff (rules in pyproject.toml: F, E9, B, E501 at 120 characters) over the exported library, tests and benchmarks;
+# .ci/lint.py drops only the long lines nbdev writes itself (each module's `__all__` block and one-line docstring).
 lint: install
 	$(BIN)/python .ci/lint.py $(BIN)/ruff concept_nb tests benchmarks
 
