@@ -122,6 +122,8 @@ class GlueParams:
     device:str=param('auto', _device_rule) # auto | cpu | cuda | cuda:N | mps
     control:str=param('', GLUE_CONTROLS) # '' fine-tunes the checkpoint's weights | random_init: its architecture and
         # config from fresh weights (the random-init control)
+    sweep_id:str=param('') # bookkeeping: id of the sweep that launched the run ('': not a sweep run; see `sweep`)
+    config_hash:str=param('') # bookkeeping: hash of the run's sweep configuration (its seeds stay inside this record)
 
 GLUE_SPECS = param_specs(GlueParams)
 GLUE_DEFAULTS = {k: d['default'] for k, d in GLUE_SPECS.items()}

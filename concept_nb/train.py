@@ -157,7 +157,7 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
     device = next(model.parameters()).device
     was = model.training; model.eval()
     sums, concepts = {}, []
-    coll = eval_data.collator
+    coll = getattr(eval_data, 'collator', None)                     # a plain batch stream has none
     mlm = MLMEvalStats(coll.mask_token_id, floor) if isinstance(coll, MLMCollator) else None
     ctx = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     try:

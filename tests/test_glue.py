@@ -102,7 +102,7 @@ def notebook_params():
 
 def test_rules_and_presets_match_the_run_notebook():
     params = notebook_params()
-    assert len(params) == 25 and {'checkpoint', 'tasks', 'head', 'pair_encoding', 'seeds', 'glue_dir', 'zero_shot',
+    assert len(params) == 27 and {'checkpoint', 'tasks', 'head', 'pair_encoding', 'seeds', 'glue_dir', 'zero_shot',
                               'protocol', 'via_decoder_queries', 'control'} <= set(params)
     assert set(GLUE_RULES) <= set(params)
     for preset in GLUE_PRESETS.values(): assert set(preset) <= set(params)
