@@ -5,10 +5,11 @@
 # %% ../nbs/13_flops.ipynb #f4462eb0
 from __future__ import annotations
 from dataclasses import dataclass
+import torch.nn as nn
 
 # %% auto #0
 __all__ = ['SHAPES', 'ENCODER_MODES', 'STEP_MODELS', 'FLOP_MODELS', 'TSDAE_DELETION', 'PEAK_TFLOPS', 'Shape', 'get_shape',
-           'forward_flops', 'flops_per_token', 'flop_ratio', 'ideal_table', 'peak_tflops']
+           'forward_flops', 'flops_per_token', 'flop_ratio', 'ideal_table', 'peak_tflops', 'model_cost']
 
 # %% ../nbs/13_flops.ipynb #6a6af18f
 @dataclass(frozen=True)
@@ -155,3 +156,23 @@ def peak_tflops(device_name:str) -> float|None:
     for keys, v in PEAK_TFLOPS:
         if all(k.lower() in device_name.lower() for k in keys): return v
     return None
+
+# %% ../nbs/13_flops.ipynb #c6186760
+def model_cost(model:nn.Module, # the pretraining model (concept model or baseline)
+               params:dict, # the resolved run parameters
+              ) -> dict:
+    "Parameter counts (all, and outside the embedding tables) and forward FLOPs per token (None: no FLOP model)."
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    n = sum(q.numel() for q in model.parameters())
+    n_emb = sum(q.numel() for q in model.parameters() if id(q) in emb)            # token, position (, segment) tables
+    out = dict(num_parameters=n, num_parameters_non_embedding=n - n_emb)
+    cfg, mt = model.config, params.get('model_type')
+    if mt not in FLOP_MODELS: return dict(out, flops_per_token=None)
+    dl = getattr(cfg, 'decoder_layers', 1)
+    layers = getattr(cfg, 'num_iterations', None) or cfg.num_hidden_layers          # recursive: L applications
+    s = Shape(cfg.hidden_size, layers, cfg.intermediate_size, params.get('concept_num') or 1, cfg.num_attention_heads,
+              cfg.vocab_size, dl, dl)
+    N = params['block_size']
+    mlm = params.get('objective') == 'mlm'                                           # the run's own masking share
+    labelled = params.get('mlm_probability', .15) * N if mlm else None
+    return dict(out, flops_per_token=round(flops_per_token(mt, N, s, labelled, params.get('t_min', .3))))

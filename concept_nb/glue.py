@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_glue.ipynb #fe8fca61
 from __future__ import annotations
-import json, math, re, time, warnings
+import math, re, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .config import ConceptEncoderConfig
-from .core import ParamError, json_ready, param, param_specs, resolve_device
+from .core import ParamError, param, param_specs, resolve_device
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .heads import (CLASSIFIER_REGISTRY, ConceptEncoderForSequenceClassification, classifier_from_pretrained,
                     sentence_embedding)
@@ -27,7 +27,7 @@ __all__ = ['TASK_EPOCHS', 'GLUE_PRESETS', 'PAIR_ENCODINGS', 'GLUE_PROTOCOLS', 'V
            'parse_seeds', 'GlueParams', 'check_glue_params', 'tiny_config', 'build_classifier', 'build_embedder',
            'TaskUnavailable', 'load_splits', 'take_subset', 'split_train', 'protocol_split', 'Encoded', 'encode_task',
            'collate', 'predict', 'finetune', 'summarize_history', 'aggregate', 'resolve_tokenizer', 'run_task',
-           'zero_shot_task', 'RunLogger']
+           'zero_shot_task']
 
 # %% ../nbs/19_glue.ipynb #8a1ce84c
 TASK_EPOCHS = {'sst2': 5, 'qnli': 3, 'qqp': 3, 'mnli_matched': 3, 'mnli_mismatched': 3, 'paws': 5,
@@ -589,15 +589,3 @@ def zero_shot_task(task:str|TaskSpec='stsb', # a similarity regression task: sts
                 checkpoint=ck.name, source_run=ck.source_run, init=control or 'checkpoint', protocol='zero_shot',
                 n_train=0, n_dev=len(dev), final=m,
                 time_s=round(time.time() - t0, 2))
-
-# %% ../nbs/19_glue.ipynb #3f2bc6d1
-class RunLogger:
-    "Print a line and append it to `<run_dir>/log.txt`; `event(...)` appends a JSON line to `history.jsonl`."
-    def __init__(self, run_dir:str|Path, echo:bool=True):
-        self.dir, self.echo = Path(run_dir), echo
-        self.dir.mkdir(parents=True, exist_ok=True)
-    def __call__(self, line:str):
-        if self.echo: print(line, flush=True)
-        with open(self.dir/'log.txt', 'a', encoding='utf-8') as f: f.write(line + '\n')
-    def event(self, **row):
-        with open(self.dir/'history.jsonl', 'a', encoding='utf-8') as f: f.write(json.dumps(json_ready(row)) + '\n')

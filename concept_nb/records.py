@@ -14,10 +14,10 @@ from .checkpoints import latest_checkpoint
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'RUN_KINDS', 'RUN_STATUSES', 'SECTIONS', 'TOP_KEYS', 'RECORD_FIELDS', 'RENAMED_RECORD_KEYS',
-           'DATE_RE', 'WANDB_MODES', 'Field', 'record_columns', 'make_record', 'write_record', 'upgrade_record_keys',
-           'upgrade_record', 'read_record', 'run_name_for', 'run_group', 'safe_name', 'task_list', 'source_run_of',
-           'default_run_name', 'write_run_params', 'start_run', 'record_failure', 'History', 'Recorder',
-           'resume_history', 'wandb_mode_for', 'init_wandb']
+           'DATE_RE', 'WANDB_MODES', 'BOUND_NAMES', 'Field', 'record_columns', 'make_record', 'write_record',
+           'upgrade_record_keys', 'upgrade_record', 'read_record', 'run_name_for', 'run_group', 'safe_name',
+           'task_list', 'source_run_of', 'default_run_name', 'write_run_params', 'start_run', 'record_failure',
+           'History', 'Recorder', 'resume_history', 'wandb_mode_for', 'init_wandb', 'plot_loss_curves', 'RunLogger']
 
 # %% ../nbs/15_records.ipynb #e96e9489
 SCHEMA_VERSION = 2
@@ -395,3 +395,66 @@ def init_wandb(mode:str, # offline | online | disabled; WANDB_MODE=disabled in t
                       settings=wandb.Settings(quiet=True, silent=True),
                       config=json_ready({**(config or {}), **git_info(package_dir())}),
                       **kwargs)
+
+# %% ../nbs/15_records.ipynb #d62ef6ed
+BOUND_NAMES = ('recon_nelbo', 'nelbo', 'suffix_nelbo')   # the bounds a diffusion model reports (02_heads / 04)
+
+def _plot_floor(ax, floor:dict, ev:list):
+    "Floor lines and the held-out [MASK]-position loss (MLM runs)."
+    if ev and 'eval_mlm_loss_masked' in ev[-1]:
+        ax.plot([r['step'] for r in ev], [r.get('eval_mlm_loss_masked') for r in ev], 'd-', ms=3,
+                label='held-out loss at [MASK]')
+    if floor:
+        ax.axhline(floor['floor_all'], color='k', ls='--', lw=.9, label='context-free floor, all selected')
+        ax.axhline(floor['floor_masked'], color='k', ls=':', lw=.9, label='context-free floor at [MASK]')
+
+# %% ../nbs/15_records.ipynb #95e92653
+def plot_loss_curves(history:History|list, # `train`'s history (or its records)
+                     ax=None, # one axes, or None for a new figure
+                     bound:dict|None=None, # a diffusion LM's final held-out bound (`heldout_bound`): marked at the end
+                    ):
+    ("Training loss (total and task), held-out loss (and diffusion bounds), "
+     "the context-free floor (MLM) and the learning rate by step.")
+    import matplotlib.pyplot as plt
+    h = History(history)
+    tr, ev = h.of('train'), h.of('eval')
+    if not tr and not ev: raise ValueError("history has no 'train' or 'eval' records")
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot([r['step'] for r in tr], [r['loss'] for r in tr], label='train loss (total)', lw=1.5)
+        if any(abs(r['task_loss'] - r['loss']) > 1e-9 for r in tr):
+            ax.plot([r['step'] for r in tr], [r['task_loss'] for r in tr], label='train task loss', lw=1, alpha=.8)
+        if 'recon_nelbo' in tr[-1]:
+            ax.plot([r['step'] for r in tr], [r.get('recon_nelbo') for r in tr], label='train recon NELBO',
+                    lw=1, ls=':')
+    if ev:
+        ax.plot([r['step'] for r in ev], [r['eval_loss'] for r in ev], 'o-', ms=4, label='held-out task loss')
+        for b in (b for b in BOUND_NAMES if 'eval_' + b in ev[-1]):                 # one t draw per evaluation
+            ax.plot([r['step'] for r in ev], [r.get('eval_' + b) for r in ev], 's--', ms=3, label=f'held-out {b}')
+    _plot_floor(ax, h.last('floor'), ev)
+    if bound is not None:
+        step = (ev or tr)[-1]['step']
+        ax.errorbar([step], [bound['nats']], yerr=[bound['se']], fmt='*', ms=10, color='k',
+                    label=f"final held-out {bound['bound_name']}: {bound['nats']:.3f} ± {bound['se']:.3f} nats = "
+                          f"{bound['bits_per_token']:.3f} bits per token ({bound['draws']} draws)")
+    ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=.3)
+    if tr:
+        a2 = ax.twinx()
+        a2.plot([r['step'] for r in tr], [r['lr'] for r in tr], color='grey', lw=.8, ls='--', label='lr')
+        a2.set_ylabel('learning rate', color='grey'); a2.tick_params(axis='y', colors='grey')
+    ax.legend(fontsize=8, loc='upper right'); ax.set_title('loss curves', fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# %% ../nbs/15_records.ipynb #3f2bc6d1
+class RunLogger:
+    "Print a line and append it to `<run_dir>/log.txt`; `event(...)` appends a JSON line to `history.jsonl`."
+    def __init__(self, run_dir:str|Path, echo:bool=True):
+        self.dir, self.echo = Path(run_dir), echo
+        self.dir.mkdir(parents=True, exist_ok=True)
+    def __call__(self, line:str):
+        if self.echo: print(line, flush=True)
+        with open(self.dir/'log.txt', 'a', encoding='utf-8') as f: f.write(line + '\n')
+    def event(self, **row):
+        with open(self.dir/'history.jsonl', 'a', encoding='utf-8') as f: f.write(json.dumps(json_ready(row)) + '\n')

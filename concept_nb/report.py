@@ -313,6 +313,28 @@ def _by_task(rows:list, read) -> dict:
     "`read(row)` merged over `rows` as `linked_glue` does (`latest_glue`)."
     return latest_glue(rows, read)
 
+def _summary_table(df:pd.DataFrame, labels:list, pres:list) -> pd.DataFrame:
+    "The Pretraining Summary: the seeds' figures, then each run's (± SE, or mean ± sd over its seeds)."
+    summ = []
+    for key, name in (('task_loss', 'task loss'), ('eval_mlm_loss_masked', 'held-out loss at [MASK]'),
+                      ('floor_masked', 'context-free floor at [MASK]'),
+                      ('below_floor_masked', 'below context-free floor (nats)'),
+                      ('effective_rank', 'effective rank'), ('rank_ratio', 'effective rank / C'),
+                      ('mean_similarity', 'mean concept similarity'), ('max_similarity', 'max concept similarity'),
+                      ('input_dependence', 'input dependence'),
+                      ('steps', 'steps'), ('steps_per_s', 'steps/s')):
+        row = {'metric': name}
+        for n, sp in SEED_PRETRAIN.items():
+            row[n] = sp['effective_rank'] / sp['concept_num'] if key == 'rank_ratio' else sp.get(key)
+        for lab, p in zip(labels, pres):
+            if p is None: row[lab] = None; continue
+            if key == 'rank_ratio':
+                e, C = _v(p, 'effective_rank'), _v(p, 'concept_num')
+                row[lab] = e / float(C) if e is not None and C else None
+            else: row[lab] = _seeded(df, p, key)
+        summ.append(row)
+    return pd.DataFrame(summ, columns=['metric', *SEED_PRETRAIN, *labels])
+
 def compare_tables(runs, # run ids, run names or record paths
                    runs_dir='runs', # registry folder
                    baselines:Mapping|None=None # {name: scores}; default: `glue_baselines()`
@@ -356,26 +378,7 @@ def compare_tables(runs, # run ids, run names or record paths
     results = pd.DataFrame(res, columns=['task', 'metric', *base, *labels, *ctl, *trn,
                                          *[f"Δ {lab} vs {n}" for lab in labels for n in refs]])
     results.attrs.update(baselines=list(base), runs=labels, controls=ctl, train_columns=trn)
-    summ = []
-    for key, name in (('task_loss', 'task loss'), ('eval_mlm_loss_masked', 'held-out loss at [MASK]'),
-                      ('floor_masked', 'context-free floor at [MASK]'),
-                      ('below_floor_masked', 'below context-free floor (nats)'),
-                      ('effective_rank', 'effective rank'), ('rank_ratio', 'effective rank / C'),
-                      ('mean_similarity', 'mean concept similarity'), ('max_similarity', 'max concept similarity'),
-                      ('input_dependence', 'input dependence'),
-                      ('steps', 'steps'), ('steps_per_s', 'steps/s')):
-        row = {'metric': name}
-        for n, sp in SEED_PRETRAIN.items():
-            row[n] = sp['effective_rank'] / sp['concept_num'] if key == 'rank_ratio' else sp.get(key)
-        for lab, p in zip(labels, pres):
-            if p is None: row[lab] = None; continue
-            if key == 'rank_ratio':
-                e, C = _v(p, 'effective_rank'), _v(p, 'concept_num')
-                row[lab] = e / float(C) if e is not None and C else None
-            else: row[lab] = _seeded(df, p, key)
-        summ.append(row)
-    summary = pd.DataFrame(summ, columns=['metric', *SEED_PRETRAIN, *labels])
-    return results, summary
+    return results, _summary_table(df, labels, pres)
 
 def _df_md(df:pd.DataFrame, nd:int=2) -> str:
     return md_table(list(df.columns),

@@ -17,7 +17,7 @@ from .checkpoints import latest_checkpoint
 from .records import safe_name, source_run_of
 from .runs import TEMPLATES, RunFailed, declared_params, project_root, launch_params, run_notebook, template_path
 from .runs import _error_line, _read_json
-from .registry import read_run, config_of
+from .registry import KEY_METRIC, read_run, config_of
 from .report import md_table
 
 # %% auto #0
@@ -399,7 +399,6 @@ def _sweep_id_of(sweep) -> str:
 
 def _metrics_of(r:Mapping) -> dict:
     if r.get('kind') == 'glue':
-        from concept_nb.registry import KEY_METRIC
         return {f"{t}/{m}": v for (t, m), v in (r.get('glue') or {}).items() if KEY_METRIC.get(t) == m}
     res = ((r.get('metrics') or {}).get('results') or {})
     return {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -14,12 +14,12 @@ from .analysis import concept_metrics
 from .collators import MLMCollator
 from .controls import (MLM_KEYS, ContextFreeFloor, MLMEvalStats, collator_floor, token_counts,
                                  fill_mask)
-from .flops import FLOP_MODELS, Shape, flops_per_token
+from .flops import model_cost
 from .core import ParamError, check_params, resolve_device
 from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint,
                                     load_model_weights, load_checkpoint)
 from .records import (History, Recorder, resume_history, make_record, write_record, start_run,
-                                write_run_params, record_failure, init_wandb)
+                                write_run_params, record_failure, init_wandb, BOUND_NAMES)
 from .diffusion_lm import heldout_bound, diffusion_samples
 from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RULES,
                                 BatchStream, derive_seed, resolve_params, build_pretraining)
@@ -28,8 +28,8 @@ from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RU
 __all__ = ['param_groups', 'make_optimizer', 'make_scheduler', 'TrainConfig', 'resolve_mixed_precision', 'make_accelerator',
            'NonFiniteLossError', 'PretrainingModule', 'evaluate', 'LoopState', 'Loop', 'setup_loop', 'restore',
            'start_records', 'log_floor', 'accumulate', 'check_finite', 'optimizer_step', 'add_to_window', 'log_window',
-           'save_state', 'eval_now', 'run_steps', 'train', 'plot_loss_curves', 'model_cost', 'run_metrics',
-           'diffusion_lm_results', 'probe_results', 'run_pretraining']
+           'save_state', 'eval_now', 'run_steps', 'train', 'run_metrics', 'diffusion_lm_results', 'probe_results',
+           'run_pretraining']
 
 # %% ../nbs/17_train.ipynb #cee64c2a
 def param_groups(model:nn.Module, # the model
@@ -141,7 +141,6 @@ class PretrainingModule(nn.Module):
 def _to(batch:dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-_BOUNDS = ('recon_nelbo', 'nelbo', 'suffix_nelbo')   # 02_heads / 04_diffusion_lm output names
 
 @torch.no_grad()
 def evaluate(model:nn.Module, # the (unwrapped) pretraining model
@@ -169,7 +168,7 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
                 lg = getattr(out, 'logits', None) if lg is None else lg
                 if mlm is not None and lg is not None: mlm.add(lg, batch['labels'], batch['input_ids'])
                 vals = {'eval_loss': out.loss.float()}
-                for b in _BOUNDS:                                         # each bound under its own name
+                for b in BOUND_NAMES:                                         # each bound under its own name
                     if getattr(out, b, None) is not None: vals[f'eval_{b}'] = getattr(out, b).float()
                 if loss_manager is not None and getattr(loss_manager, 'names', None):
                     _, br = loss_manager(out.loss.float(), out.concepts)
@@ -219,7 +218,7 @@ def _fmt_eval(r:dict) -> str:
     if 'below_floor_masked' in r:
         s += (f" | [MASK] {r['eval_mlm_loss_masked']:.4f} ± {r['eval_mlm_loss_masked_se']:.4f}, below the floor by "
               f"{r['below_floor_masked']:.4f} ± {r['below_floor_masked_se']:.4f}")
-    s += ''.join(f" | {b} {r['eval_' + b]:.4f}" for b in _BOUNDS if 'eval_' + b in r)
+    s += ''.join(f" | {b} {r['eval_' + b]:.4f}" for b in BOUND_NAMES if 'eval_' + b in r)
     if 'concept/effective_rank' not in r: return s                        # a model without concepts
     return s + (f" | eff. rank {r['concept/effective_rank']:.2f} | RankMe {r['concept/rankme']:.2f}"
                 f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}"
@@ -487,55 +486,6 @@ def train(model:nn.Module, # a pretraining model (its forward takes the collator
     loop.rec.line(f"done: {history.step} steps in {history.wall_s:.1f}s" + done)
     return history
 
-# %% ../nbs/17_train.ipynb #d62ef6ed
-def _plot_floor(ax, floor:dict, ev:list):
-    "Floor lines and the held-out [MASK]-position loss (MLM runs)."
-    if ev and 'eval_mlm_loss_masked' in ev[-1]:
-        ax.plot([r['step'] for r in ev], [r.get('eval_mlm_loss_masked') for r in ev], 'd-', ms=3,
-                label='held-out loss at [MASK]')
-    if floor:
-        ax.axhline(floor['floor_all'], color='k', ls='--', lw=.9, label='context-free floor, all selected')
-        ax.axhline(floor['floor_masked'], color='k', ls=':', lw=.9, label='context-free floor at [MASK]')
-
-# %% ../nbs/17_train.ipynb #95e92653
-def plot_loss_curves(history:History|list, # `train`'s history (or its records)
-                     ax=None, # one axes, or None for a new figure
-                     bound:dict|None=None, # a diffusion LM's final held-out bound (`heldout_bound`): marked at the end
-                    ):
-    ("Training loss (total and task), held-out loss (and diffusion bounds), "
-     "the context-free floor (MLM) and the learning rate by step.")
-    import matplotlib.pyplot as plt
-    h = History(history)
-    tr, ev = h.of('train'), h.of('eval')
-    if not tr and not ev: raise ValueError("history has no 'train' or 'eval' records")
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4))
-    if tr:
-        ax.plot([r['step'] for r in tr], [r['loss'] for r in tr], label='train loss (total)', lw=1.5)
-        if any(abs(r['task_loss'] - r['loss']) > 1e-9 for r in tr):
-            ax.plot([r['step'] for r in tr], [r['task_loss'] for r in tr], label='train task loss', lw=1, alpha=.8)
-        if 'recon_nelbo' in tr[-1]:
-            ax.plot([r['step'] for r in tr], [r.get('recon_nelbo') for r in tr], label='train recon NELBO',
-                    lw=1, ls=':')
-    if ev:
-        ax.plot([r['step'] for r in ev], [r['eval_loss'] for r in ev], 'o-', ms=4, label='held-out task loss')
-        for b in (b for b in _BOUNDS if 'eval_' + b in ev[-1]):                 # one t draw per evaluation
-            ax.plot([r['step'] for r in ev], [r.get('eval_' + b) for r in ev], 's--', ms=3, label=f'held-out {b}')
-    _plot_floor(ax, h.last('floor'), ev)
-    if bound is not None:
-        step = (ev or tr)[-1]['step']
-        ax.errorbar([step], [bound['nats']], yerr=[bound['se']], fmt='*', ms=10, color='k',
-                    label=f"final held-out {bound['bound_name']}: {bound['nats']:.3f} ± {bound['se']:.3f} nats = "
-                          f"{bound['bits_per_token']:.3f} bits per token ({bound['draws']} draws)")
-    ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=.3)
-    if tr:
-        a2 = ax.twinx()
-        a2.plot([r['step'] for r in tr], [r['lr'] for r in tr], color='grey', lw=.8, ls='--', label='lr')
-        a2.set_ylabel('learning rate', color='grey'); a2.tick_params(axis='y', colors='grey')
-    ax.legend(fontsize=8, loc='upper right'); ax.set_title('loss curves', fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 # %% ../nbs/17_train.ipynb #c0de0000
 def _results(tr:list, ev:list, params:dict) -> dict:
     "The `results` section: losses at the start and end, and the last evaluation's concept geometry."
@@ -565,26 +515,6 @@ def _train_section(history, tr:list, params:dict) -> dict:
         t.update(tokens=tr[-1]['tokens'], tokens_per_s=tr[-1]['tokens'] / max(tr[-1]['train_s'], 1e-9),
                  steps_per_s=history.step / max(tr[-1]['train_s'], 1e-9))
     return t
-
-# %% ../nbs/17_train.ipynb #c6186760
-def model_cost(model:nn.Module, # the pretraining model (concept model or baseline)
-               params:dict, # the resolved run parameters
-              ) -> dict:
-    "Parameter counts (all, and outside the embedding tables) and forward FLOPs per token (None: no FLOP model)."
-    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    n = sum(q.numel() for q in model.parameters())
-    n_emb = sum(q.numel() for q in model.parameters() if id(q) in emb)            # token, position (, segment) tables
-    out = dict(num_parameters=n, num_parameters_non_embedding=n - n_emb)
-    cfg, mt = model.config, params.get('model_type')
-    if mt not in FLOP_MODELS: return dict(out, flops_per_token=None)
-    dl = getattr(cfg, 'decoder_layers', 1)
-    layers = getattr(cfg, 'num_iterations', None) or cfg.num_hidden_layers          # recursive: L applications
-    s = Shape(cfg.hidden_size, layers, cfg.intermediate_size, params.get('concept_num') or 1, cfg.num_attention_heads,
-              cfg.vocab_size, dl, dl)
-    N = params['block_size']
-    mlm = params.get('objective') == 'mlm'                                           # the run's own masking share
-    labelled = params.get('mlm_probability', .15) * N if mlm else None
-    return dict(out, flops_per_token=round(flops_per_token(mt, N, s, labelled, params.get('t_min', .3))))
 
 # %% ../nbs/17_train.ipynb #c0de0001
 _MODEL_KEYS = ('model_type', 'objective', 'hidden_size', 'num_hidden_layers', 'concept_num')
