@@ -342,6 +342,7 @@ _VOLATILE = [(re.compile(r'0x[0-9a-fA-F]{6,}'), '0x…'),                       
              (re.compile(r'[\d,.]+\s*(?:tok|tokens|step|steps|samples)/s\b'), '<rate>'),     # throughputs
              (re.compile(r'\d+(\.\d+)?\s*(ms|µs|us|ns|s|sec|seconds|min|it/s|s/it)\b'), '<time>'),  # timings
              (re.compile(r"(['\"]?\b(?:wall_s|time_s|eval_s)['\"]?\s*[:=]\s*)[\d.e+-]+"), r'\1<time>'),  # durations
+             (re.compile(r'ETA \d+:\d{2}:\d{2}'), 'ETA <time>'),                            # progress ETAs
              (re.compile(r'<Figure size [^>]*>'), '<Figure>'),
              (re.compile(r'\btmp[\w-]{6,}'), 'tmp…'),                                       # temporary folders
              (re.compile(r'(?:/[\w.+-]+)+/(?=[\w.+-]+)'), ''),                          # folders of a path

@@ -359,7 +359,7 @@ def run_sweep(source, # a sweep file, its dict or a `SweepSpec`
         f"{'scheduler ' + scheduler if scheduler else f'{jobs} local job(s)'}")
     if todo:
         res += _schedule(spec, todo, runs_dir, jobs, scheduler, tpl if rules == {} else None, root, log, len(res), n)
-    failed = [r for r in res if r['status'] == 'failed']
+    failed = sorted((r for r in res if r['status'] == 'failed'), key=lambda r: r['run_name'])   # a stable order
     log(f"sweep {spec.sweep_id} finished in {time.time() - t0:.0f}s: {n - len(failed)}/{n} completed "
         f"({len(plan) - len(todo)} skipped), {len(failed)} failed")
     for r in failed:
