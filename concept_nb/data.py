@@ -365,9 +365,8 @@ def _hub_text(source, split, streaming, text_column, **kwargs):
     else: name, hold = 'train', (None if {'validation', 'test'} & set(names) else False)
     ds = _hub_columns(dd[name], source, text_column)
     if hold is not None:  # no held-out split on the hub: 1% of train by hash of the text
-        ds = ds.filter(lambda t: (int(hashlib.sha1((t or '').encode('utf-8', 'replace')).hexdigest()[:8], 16)
-                                  % 100 == 0) == hold,
-                       input_columns='text')
+        bucket = lambda t: int(hashlib.sha1((t or '').encode('utf-8', 'replace')).hexdigest()[:8], 16) % 100
+        ds = ds.filter(lambda t: (bucket(t) == 0) == hold, input_columns='text')
     return ds
 
 def _hub_columns(ds, source, text_column):
