@@ -19,6 +19,7 @@ from .train import run_pretraining
 from .health import health_check
 from .heads import load_model
 from .data import load_tokenizer
+from .tasks import get_task
 from .docs import build_docs
 from .records import read_record
 from .baselines import BASELINE_REGISTRY
@@ -30,8 +31,8 @@ __all__ = ['MAIN_GLUE_TASKS', 'GLUE_DIRS', 'COMMANDS', 'available_glue_tasks', '
 
 # %% ../nbs/26_cli.ipynb #f5422932
 MAIN_GLUE_TASKS = ('mrpc', 'stsb', 'sst2')
-GLUE_DIRS = {'cola': 'CoLA', 'sst2': 'SST-2', 'mrpc': 'MRPC', 'stsb': 'STS-B', 'qqp': 'QQP', 'mnli': 'MNLI',
-             'qnli': 'QNLI', 'rte': 'RTE', 'wnli': 'WNLI'}
+GLUE_DIRS = {t: get_task(t).local_dir   # task -> its GLUE folder name, as the task specs (10_tasks) declare it
+             for t in ('cola', 'sst2', 'mrpc', 'stsb', 'qqp', 'mnli', 'qnli', 'rte', 'wnli')}
 
 def available_glue_tasks(tasks:Sequence[str]=MAIN_GLUE_TASKS, # wanted tasks
                          glue_dir=None # GLUE-format folder (default: $CONCEPT_NB_GLUE_DIR)
