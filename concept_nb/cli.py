@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 from .core import ParamError, atomic_write_text, parse_value
 from .runs import (RunFailed, RunInterrupted, declared_params, interruption_line, preset_names,
-                             project_root, launch_params, run_notebook, template_path, type_names, _shown)
+                             project_root, launch_params, run_notebook, template_path, type_names, _shown, _abs_path)
 from .checkpoints import latest_checkpoint
 from .records import task_list
 from .registry import KEY_METRIC, TASK_NAMES, read_run
@@ -196,18 +196,25 @@ def _run_jobs(first:dict, # name -> (kind, params, preset) to start with
               runs_dir, argv, workers:int=2) -> tuple[dict, dict]:
     "Notebook runs `workers` at a time (threads: each run is its own kernel process); (records, failures) by name."
     done, failed, t0 = {}, {}, time.time()
+    # papermill moves the whole process into the notebook's folder while a run executes (and, with two threads, can
+    # leave it there): paths are made absolute against the caller's folder first, which is restored at the end
+    here = Path.cwd()
+    runs_dir = (here/Path(runs_dir).expanduser()).resolve()
     def run(name, kind, params, preset):
         print(f"  start  {name} ({time.time() - t0:.0f} s)", flush=True)
+        params = {k: _abs_path(v, here) for k, v in params.items()}
         return run_notebook(kind, params, runs_dir, preset, log_output=workers == 1, argv=argv)
-    with cf.ThreadPoolExecutor(max(1, workers)) as ex:
-        todo = {ex.submit(run, n, *job): n for n, job in first.items()}
-        while todo:
-            for f in cf.wait(todo, return_when=cf.FIRST_COMPLETED)[0]:
-                name = todo.pop(f)
-                try: done[name] = f.result()
-                except RunFailed as e: failed[name] = e; print(f"  FAILED {name}: {e}", flush=True); continue
-                print(f"  done   {name} ({time.time() - t0:.0f} s): {done[name]}", flush=True)
-                todo.update({ex.submit(run, n, *job): n for n, job in then(name, done[name]).items()})
+    try:
+        with cf.ThreadPoolExecutor(max(1, workers)) as ex:
+            todo = {ex.submit(run, n, *job): n for n, job in first.items()}
+            while todo:
+                for f in cf.wait(todo, return_when=cf.FIRST_COMPLETED)[0]:
+                    name = todo.pop(f)
+                    try: done[name] = f.result()
+                    except RunFailed as e: failed[name] = e; print(f"  FAILED {name}: {e}", flush=True); continue
+                    print(f"  done   {name} ({time.time() - t0:.0f} s): {done[name]}", flush=True)
+                    todo.update({ex.submit(run, n, *job): n for n, job in then(name, done[name]).items()})
+    finally: os.chdir(here)
     return done, failed
 
 # %% ../nbs/26_cli.ipynb #fbbb056e

@@ -210,6 +210,16 @@ def _iter_texts(texts, batch:int=1000):
             if len(buf) == batch: yield buf; buf = []
         if buf: yield buf
 
+def _canonical_ids(tk):
+    "The trained tokenizer with ids in a fixed order (specials first, then by string) and only real specials added."
+    from tokenizers import Tokenizer
+    d = json.loads(tk.to_str())
+    order = list(SPECIAL_TOKENS) + sorted(t for t in d['model']['vocab'] if t not in SPECIAL_TOKENS)
+    d['model']['vocab'] = {t: i for i, t in enumerate(order)}
+    d['added_tokens'] = [dict(a, id=order.index(a['content'])) for a in d['added_tokens']
+                         if a['content'] in SPECIAL_TOKENS]
+    return Tokenizer.from_str(json.dumps(d))
+
 def train_tokenizer(texts:Iterable[str]|Dataset, # documents (or a Dataset with a 'text' column)
                     kind:str='wordpiece', # 'wordpiece' or 'bpe' (byte-level)
                     vocab_size:int=8000, # target vocabulary size, specials included
@@ -228,9 +238,15 @@ def train_tokenizer(texts:Iterable[str]|Dataset, # documents (or a Dataset with 
         tk.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
         tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tk.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=list(SPECIAL_TOKENS),
-                                            show_progress=False)
+        make = lambda pieces=(): trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                                           special_tokens=[*SPECIAL_TOKENS, *pieces],
+                                                           show_progress=False)
+        # tokenizers numbers the '##c' pieces in hash-map order as it meets them and breaks merge ties by id, so the
+        # learnt vocabulary changed from run to run (huggingface/tokenizers#1794). A first pass finds the pieces; the
+        # second declares them up front (as specials, dropped afterwards), which gives them fixed ids.
+        if not isinstance(texts, (list, tuple, Dataset, datasets.IterableDataset)): texts = list(texts)
+        tk.train_from_iterator(_iter_texts(texts), make())
+        trainer = make(sorted(t for t in tk.get_vocab() if t.startswith('##') and len(t) == 3))
     else:
         tk = Tokenizer(models.BPE(unk_token='[UNK]'))
         tk.normalizer = normalizers.Sequence([normalizers.NFC()] + ([normalizers.Lowercase()] if lowercase else []))
@@ -240,6 +256,7 @@ def train_tokenizer(texts:Iterable[str]|Dataset, # documents (or a Dataset with 
                                       special_tokens=list(SPECIAL_TOKENS),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(_iter_texts(texts), trainer)
+    tk = _canonical_ids(tk)
     cls, sep = tk.token_to_id('[CLS]'), tk.token_to_id('[SEP]')
     tk.post_processor = processors.TemplateProcessing(single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
                                                       special_tokens=[('[CLS]', cls), ('[SEP]', sep)])
@@ -275,7 +292,7 @@ def load_tokenizer(
     m = _EMBEDDED_TOK_RE.match(name)
     if m and not Path(name).exists():
         kind, vocab = m.group(1) or 'wordpiece', int(m.group(2) or 8000)
-        path = cache_dir()/'tokenizers'/f'embedded-{kind}-{vocab}'
+        path = cache_dir()/'tokenizers'/f'embedded-{kind}-{vocab}-v2'   # v2: trained deterministically
         if not (path/'tokenizer.json').exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=path.parent))

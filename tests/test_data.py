@@ -208,7 +208,7 @@ def test_train_tokenizer_bad_args():
 
 def test_load_tokenizer_embedded_cached(wp, bpe):
     assert len(wp) == 8000 and len(bpe) == 8000
-    assert (cache_dir()/'tokenizers'/'embedded-wordpiece-8000'/'tokenizer.json').exists()
+    assert (cache_dir()/'tokenizers'/'embedded-wordpiece-8000-v2'/'tokenizer.json').exists()
     t0 = time.time(); again = load_tokenizer('embedded-wordpiece'); assert time.time() - t0 < 2
     assert again('Hello there')['input_ids'] == wp('Hello there')['input_ids']
     assert bpe.convert_ids_to_tokens(bpe('hello world')['input_ids'])[1].startswith('Ġ')

@@ -25,6 +25,19 @@ def exported(tmp_path_factory):
     return tmp/'ck', export_sentence_transformer(tmp/'ck', tmp/'st', max_seq_length=MAX_LENGTH), tok
 
 
+@pytest.fixture(scope='module', autouse=True)
+def plain_import(exported):
+    "A fresh process: `import concept_nb`, then SentenceTransformer(path) without trust_remote_code or the hub;"
+    "started with the module so it runs beside the tests in this process."
+    code = ("import concept_nb; from sentence_transformers import SentenceTransformer; "
+            f"m = SentenceTransformer({str(exported[1])!r}, device='cpu', local_files_only=True); "
+            "print(m.encode(['a test']).shape, m.max_seq_length)")
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    yield p
+    if p.poll() is None: p.kill()
+
+
 def _st(path):
     from sentence_transformers import SentenceTransformer
     return SentenceTransformer(str(path), device='cpu')
@@ -45,17 +58,6 @@ def test_embeddings_equal_sentence_embedding(exported):
         assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     full = st.encode(sents, convert_to_tensor=True)
     assert (full[0] - full[-1]).abs().max() > 1e-4      # different sentences, different vectors
-
-
-def test_loads_after_plain_import(exported):
-    "A fresh process: `import concept_nb`, then SentenceTransformer(path) without trust_remote_code or the hub."
-    code = ("import concept_nb; from sentence_transformers import SentenceTransformer; "
-            f"m = SentenceTransformer({str(exported[1])!r}, device='cpu', local_files_only=True); "
-            "print(m.encode(['a test']).shape, m.max_seq_length)")
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr[-1500:]
-    assert f'(1, 32) {MAX_LENGTH}' in r.stdout, r.stdout
 
 
 @needs_stsb
@@ -91,3 +93,9 @@ def test_cli_export_st(exported, tmp_path, capsys):
         assert main(['export-st', *args]) == 1
         err = [l for l in capsys.readouterr().err.splitlines() if l.strip() and 'Loading weights' not in l]
         assert len(err) == 1 and err[0].startswith('concept-nb export-st: error:') and why in err[0], err
+
+
+def test_loads_after_plain_import(plain_import):      # last: its process has been running beside the tests above
+    out, err = plain_import.communicate(timeout=120)
+    assert plain_import.returncode == 0, err[-1500:]
+    assert f'(1, 32) {MAX_LENGTH}' in out, out

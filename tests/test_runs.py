@@ -270,6 +270,9 @@ def test_report_notebook_runs_on_test_records(records, tmp_path):
 def _fake_runner(monkeypatch, tiny, calls):
     real = R.run_notebook
     def fake(kind, params=None, runs_dir='runs', preset=None, **kw):
+        # papermill moves the process into the notebook's folder while a run executes: a relative folder given to a
+        # second thread's run would land there (the bert_mlm GLUE record of `main` went to nbs/runs/)
+        assert Path(runs_dir).is_absolute(), runs_dir
         calls.append((kind, dict(params or {}), preset))
         extra = {'fake_metrics': json.dumps(PRE_METRICS if kind == 'pretrain' else GLUE_METRICS)}
         return real(kind, {**(params or {}), **extra}, runs_dir, None, template=tiny, rules={}, log_output=False)
@@ -290,13 +293,15 @@ def test_main_without_glue_data_says_how(monkeypatch, tmp_path, tiny, capsys):
     calls = []
     _fake_runner(monkeypatch, tiny, calls)
     monkeypatch.delenv('CONCEPT_NB_GLUE_DIR', raising=False)
-    assert CLI.main(['main', '--runs-dir', str(tmp_path)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert CLI.main(['main', '--runs-dir', 'runs']) == 0
+    assert len(list((tmp_path/'runs').glob('*.ipynb'))) == 2
     out = capsys.readouterr().out
     # the preset's concept model (its model_type left to the preset) and the shape-matched BERT, no concept loss
     assert sorted(calls, key=str) == [('pretrain', {'concept_losses': 'none'}, 'cpu-small'),
                                       ('pretrain', {'model_type': 'bert_mlm', 'concept_losses': 'none'}, 'cpu-small')]
     assert 'GLUE step skipped: CONCEPT_NB_GLUE_DIR is not set' in out and 'export CONCEPT_NB_GLUE_DIR=' in out
-    assert 'experiment log' in out and (tmp_path/'EXPERIMENT_LOG.md').exists()
+    assert 'experiment log' in out and (tmp_path/'runs'/'EXPERIMENT_LOG.md').exists()
     summary = out[out.index('[3/3] summary'):]
     assert summary.count('6.500') == 2 and 'no context-free floor in its record' in summary   # both rows, no verdict
 

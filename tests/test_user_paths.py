@@ -18,6 +18,17 @@ def _parameterised():
     return [p for p in NBS if R._ast_params(nbformat.read(str(p), as_version=4))]
 
 
+@pytest.fixture(scope='module', autouse=True)
+def console_run(tmp_path_factory):
+    "`concept-nb pretrain` at the smoke defaults through papermill, started first so it runs beside the other tests."
+    d = tmp_path_factory.mktemp('console')
+    with open(d / 'out.txt', 'w') as out:
+        p = subprocess.Popen([sys.executable, '-m', 'concept_nb.cli', 'pretrain', '--runs-dir', str(d / 'runs')],
+                             cwd=d, env=WANDB_ON, stdout=out, stderr=subprocess.STDOUT, text=True)
+    yield p, d / 'out.txt'
+    if p.poll() is None: p.kill()
+
+
 @pytest.mark.parametrize('nb', _parameterised(), ids=lambda p: p.name)
 def test_every_parameter_is_parsed_by_papermill(nb, capsys):
     "papermill's inspector (`papermill --help-notebook`, and what `-p` injects into) sees every parameter line."
@@ -41,19 +52,6 @@ def _history(run_dir:Path) -> list:
     keys = ('step', 'kind', 'loss', 'task_loss', 'eval_loss', 'lr', 'grad_norm', 'concept/effective_rank')
     rows = [json.loads(l) for l in (run_dir / 'history.jsonl').read_text().splitlines() if l.strip()]
     return [tuple(r.get(k) for k in keys) for r in rows]
-
-
-def test_console_run_is_short_and_quiet(tmp_path):
-    ("`concept-nb pretrain` at the smoke defaults through papermill: the cells' progress lines and the record's "
-     "headline,")
-    "no parameter table, figure reprs, papermill notices, kernel or progress-bar warnings."
-    r = subprocess.run([sys.executable, '-m', 'concept_nb.cli', 'pretrain', '--runs-dir', str(tmp_path / 'runs')],
-                       cwd=tmp_path, env=WANDB_ON, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = r.stdout + r.stderr
-    # progress, the floor line, the six fill-mask probe lines and the headline: about 25 lines (it was 144)
-    assert not _noise(out) and len(out.splitlines()) <= 30, out
-    assert out.count('step ') >= 4 and 'completed: steps 20' in out
 
 
 def test_ctrl_c_says_one_line_and_resume_continues_the_same_run(tmp_path, capfd):
@@ -139,3 +137,16 @@ def test_subset_scores_never_replace_full_dev_scores(tmp_path):
     assert '80.2' in compare(['pre'], runs) and ' 0.0' not in compare(['pre'], runs).split('Pretraining')[0]
     smoke = RG.read_run(runs / reg.run_id[2])
     assert 'MRPC F1 0 (majority 81.2; train 64, dev 64)' in headline(smoke) and 'sst2' in headline(smoke)
+
+
+# last in the file: the console run started with the module and has been running beside the tests above
+def test_console_run_is_short_and_quiet(console_run):
+    ("`concept-nb pretrain` at the smoke defaults through papermill: the cells' progress lines and the record's "
+     "headline,")
+    "no parameter table, figure reprs, papermill notices, kernel or progress-bar warnings."
+    p, log = console_run
+    assert p.wait(timeout=600) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    # progress, the floor line, the six fill-mask probe lines and the headline: about 25 lines (it was 144)
+    assert not _noise(out) and len(out.splitlines()) <= 30, out
+    assert out.count('step ') >= 4 and 'completed: steps 20' in out
