@@ -81,8 +81,9 @@ def _beside(t:str, m:str, sizes:Mapping|None, majority:Mapping|None) -> str:
     "' (majority 81.2; train 64, dev 64)': what a score is worth beside it."
     n_train, n_dev = (sizes or {}).get(t) or (None, None)
     maj = (majority or {}).get((t, m))
+    fit = 'zero-shot' if n_train == 0 else (f"train {n_train}" if n_train is not None else '')   # 0: nothing fitted
     parts = [f"majority {_fmt(maj, 1)}" if maj is not None else '',
-             ', '.join(f"{w} {n}" for w, n in (('train', n_train), ('dev', n_dev)) if n is not None)]
+             ', '.join(x for x in (fit, f"dev {n_dev}" if n_dev is not None else '') if x)]
     return f" ({'; '.join(p for p in parts if p)})" if any(parts) else ''
 
 def _score_str(scores:Mapping, key_only:bool=True, sizes:Mapping|None=None, majority:Mapping|None=None) -> str:
