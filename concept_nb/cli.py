@@ -12,9 +12,9 @@ from .core import ParamError, atomic_write_text, parse_value
 from .runs import (RunFailed, RunInterrupted, declared_params, interruption_line, preset_names,
                              project_root, launch_params, run_notebook, template_path, type_names, _shown, _abs_path)
 from .checkpoints import latest_checkpoint
-from .records import task_list
+from .records import task_list, plot_heldout_curves
 from .registry import KEY_METRIC, TASK_NAMES, read_run
-from .report import compare, headline, plot_compare, write_experiment_log
+from .report import compare, run_folders, headline, plot_compare, write_experiment_log
 from .train import run_pretraining
 from .health import health_check
 from .heads import load_model
@@ -303,7 +303,11 @@ def _cmd_compare(a, argv):
     if a.out:
         out = Path(a.out); atomic_write_text(out, md)
         fig = plot_compare(a.runs, a.runs_dir); fig.savefig(out.with_suffix('.png'), dpi=120)
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+        wrote = [out, out.with_suffix('.png')]
+        if folders := run_folders(a.runs, a.runs_dir):        # pretraining runs: their curves against the floor
+            wrote.append(out.with_name(out.stem + '-curves.png'))
+            plot_heldout_curves(folders).savefig(wrote[-1], dpi=120)
+        print(f"wrote {', '.join(map(str, wrote))}")
     else: print(md, end='')
     return 0
 

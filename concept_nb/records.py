@@ -17,7 +17,8 @@ __all__ = ['SCHEMA_VERSION', 'RUN_KINDS', 'RUN_STATUSES', 'SECTIONS', 'TOP_KEYS'
            'DATE_RE', 'WANDB_MODES', 'BOUND_NAMES', 'Field', 'record_columns', 'make_record', 'write_record',
            'upgrade_record_keys', 'upgrade_record', 'read_record', 'run_name_for', 'run_group', 'safe_name',
            'task_list', 'source_run_of', 'default_run_name', 'write_run_params', 'start_run', 'record_failure',
-           'History', 'Recorder', 'resume_history', 'wandb_mode_for', 'init_wandb', 'plot_loss_curves', 'RunLogger']
+           'History', 'Recorder', 'resume_history', 'wandb_mode_for', 'init_wandb', 'plot_loss_curves',
+           'plot_heldout_curves', 'RunLogger']
 
 # %% ../nbs/15_records.ipynb #e96e9489
 SCHEMA_VERSION = 2
@@ -446,6 +447,33 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
     fig.tight_layout()
     return fig
 
+
+# %% ../nbs/15_records.ipynb #0aed4140
+def _history_of(h) -> History:
+    "A `History`, its records, or a run folder (its history.jsonl)."
+    if not isinstance(h, (str, Path)): return History(h)
+    return History(json.loads(l) for l in (Path(h)/'history.jsonl').read_text().splitlines() if l.strip())
+
+def plot_heldout_curves(histories:Mapping, # run label -> `History`, its records, or a run folder
+                        ax=None, # one axes, or None for a new figure
+                       ):
+    "Held-out loss at [MASK] (± SE) of several runs by step, each with its context-free floor at [MASK]."
+    from matplotlib.figure import Figure
+    if ax is None: fig = Figure(figsize=(7, 4), layout='constrained'); ax = fig.add_subplot()
+    else: fig = ax.figure
+    for i, (name, h) in enumerate(histories.items()):
+        ev = [r for r in _history_of(h).of('eval') if r.get('eval_mlm_loss_masked') is not None]
+        if not ev: continue
+        c, x = f'C{i}', [r['step'] for r in ev]
+        y = [r['eval_mlm_loss_masked'] for r in ev]
+        se = [r.get('eval_mlm_loss_masked_se') or 0 for r in ev]
+        ax.plot(x, y, 'o-', ms=3, color=c, label=f'{name}: held-out loss at [MASK]')
+        ax.fill_between(x, [a - 2 * s for a, s in zip(y, se)], [a + 2 * s for a, s in zip(y, se)], color=c, alpha=.2)
+        if ev[-1].get('floor_masked') is not None:
+            ax.axhline(ev[-1]['floor_masked'], color=c, ls='--', lw=.9, label=f'{name}: context-free floor')
+    ax.set_xlabel('step'); ax.set_ylabel('nats per [MASK] position (band: ± 2 SE)'); ax.grid(alpha=.3)
+    ax.legend(fontsize=7, loc='upper right'); ax.set_title('held-out loss against the context-free floor', fontsize=10)
+    return fig
 
 # %% ../nbs/15_records.ipynb #3f2bc6d1
 class RunLogger:

@@ -21,7 +21,7 @@ from .registry import _num, _sort_key, _link_sources, _train_str, _train_summary
 # %% auto #0
 __all__ = ['SEED_PRETRAIN', 'md_table', 'linked_glue', 'experiment_log', 'write_experiment_log', 'seeds_section',
            'glue_baselines', 'compare_tables', 'compare', 'noise_verdict', 'run_differences', 'plot_compare',
-           'plot_rank_vs_glue', 'headline']
+           'plot_rank_vs_glue', 'run_folders', 'headline']
 
 # %% ../nbs/22_report.ipynb #83c3ef1a
 def _fmt(x, nd:int=3) -> str:
@@ -575,6 +575,15 @@ def plot_rank_vs_glue(df:pd.DataFrame, # registry (`load_registry`)
     if n == 0: axs[0].set_title('no pretraining run has both geometry and a GLUE score yet', fontsize=8)
     else: fig.suptitle('Concept geometry vs GLUE (blue: runs, red x: upstream seeds)', fontsize=9)
     return fig
+
+# %% ../nbs/22_report.ipynb #1fa341a7
+def run_folders(runs, # run ids, run names or record paths
+                runs_dir='runs', # registry folder
+                kind:str='pretrain', # only runs of this kind
+               ) -> dict:
+    "Run name -> run folder of each of `runs` of `kind`, found as `compare` finds them."
+    rows, _ = _resolve_runs(runs, runs_dir)
+    return {r.run_name: Path(r.run_dir) for r in rows if r.kind == kind}
 
 # %% ../nbs/22_report.ipynb #e48e9ae8
 def headline(run:Mapping) -> str:

@@ -352,3 +352,25 @@ def test_registry_reads_direct_keys_never_the_train_loss(tmp_path):
     assert (r['steps'], r['hidden_size'], r['concept_num']) == (5.0, 16, 4)
     (d / 'metrics.json').write_text(json.dumps(dict(status='completed', steps=5, train_loss=3.25, eval_loss=4.5)))
     assert RG.read_run(d)['task_loss'] == 4.5
+
+
+def test_compare_out_writes_report_bars_and_curves(tmp_path, capsys):
+    "`compare --out` on two pretraining runs: the report with the floor distance ± SE, the bars, and both held-out"
+    "curves with their floors in one figure."
+    from concept_nb.records import write_record
+    runs = tmp_path/'runs'
+    for i, (name, gap) in enumerate((('concept', 0.04), ('bert', 0.2))):
+        d = runs/f'2026-01-0{i + 1}_{name}'
+        write_record(d, 'pretrain', 'completed', run_name=name, model=dict(model_type=name), train=dict(steps=10),
+                     results=dict(eval_loss=6.5, eval_mlm_loss_masked=6.9 - gap, eval_mlm_loss_masked_se=0.01,
+                                  below_floor_masked=gap, below_floor_masked_se=0.01))
+        (d/'run.json').write_text(json.dumps(dict(kind='pretrain', run_name=name, resolved={'model_type': name})))
+        rows = [dict(kind='eval', step=s, eval_mlm_loss_masked=8 - s / 10 - gap, eval_mlm_loss_masked_se=.01,
+                     floor_masked=6.9) for s in (0, 5, 10)]
+        (d/'history.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    out = tmp_path/'cmp.md'
+    assert CLI.main(['compare', 'concept', 'bert', '--runs-dir', str(runs), '--out', str(out)]) == 0
+    assert out.is_file() and out.with_suffix('.png').is_file() and (tmp_path/'cmp-curves.png').is_file()
+    md = out.read_text()
+    assert 'below context-free floor (nats)' in md and '0.04 ± 0.01' in md and '0.2 ± 0.01' in md, md
+    assert 'cmp-curves.png' in capsys.readouterr().out
