@@ -19,7 +19,7 @@ from .train import run_pretraining
 from .health import health_check
 from .heads import load_model
 from .data import load_tokenizer
-from .tasks import get_task
+from .tasks import get_task, missing_task_data
 from .docs import build_docs
 from .records import read_record
 from .baselines import BASELINE_REGISTRY
@@ -37,12 +37,12 @@ GLUE_DIRS = {t: get_task(t).local_dir   # task -> its GLUE folder name, as the t
 def available_glue_tasks(tasks:Sequence[str]=MAIN_GLUE_TASKS, # wanted tasks
                          glue_dir=None # GLUE-format folder (default: $CONCEPT_NB_GLUE_DIR)
                         ) -> tuple[list[str], Path|None]:
-    "The wanted tasks whose `<TASK>/train.tsv` and `dev.tsv` exist in the GLUE folder, and that folder."
+    "The wanted tasks with data in the GLUE folder (checked as a GLUE run checks it), and that folder."
     d = glue_dir or os.environ.get('CONCEPT_NB_GLUE_DIR')
     if not d: return [], None
-    d = Path(d).expanduser()
-    ok = [t for t in tasks if t in GLUE_DIRS and all((d/GLUE_DIRS[t]/f).is_file() for f in ('train.tsv', 'dev.tsv'))]
-    return ok, d
+    try: missing = missing_task_data(tasks, d)
+    except ParamError: missing = list(tasks)         # no task has data there: the caller says where it looked
+    return [t for t in tasks if t not in missing], Path(d).expanduser()
 
 # %% ../nbs/26_cli.ipynb #e05d3d31
 class _ParamAction(argparse.Action):
