@@ -11,14 +11,14 @@ from typing import Mapping, Sequence
 from .config import ConceptEncoderConfig
 from .core import atomic_write_json, atomic_write_text, json_ready, run_environment, git_info, package_dir
 from .checkpoints import latest_checkpoint
+from .diffusion_lm import BOUND_NAMES
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'RUN_KINDS', 'RUN_STATUSES', 'SECTIONS', 'TOP_KEYS', 'RECORD_FIELDS', 'RENAMED_RECORD_KEYS',
-           'DATE_RE', 'WANDB_MODES', 'BOUND_NAMES', 'Field', 'record_columns', 'make_record', 'write_record',
-           'upgrade_record_keys', 'upgrade_record', 'read_record', 'run_name_for', 'run_group', 'safe_name',
-           'task_list', 'source_run_of', 'default_run_name', 'write_run_params', 'start_run', 'record_failure',
-           'History', 'Recorder', 'resume_history', 'wandb_mode_for', 'init_wandb', 'plot_loss_curves',
-           'plot_heldout_curves', 'RunLogger']
+           'DATE_RE', 'WANDB_MODES', 'Field', 'record_columns', 'make_record', 'write_record', 'upgrade_record_keys',
+           'upgrade_record', 'read_record', 'run_name_for', 'run_group', 'safe_name', 'task_list', 'source_run_of',
+           'default_run_name', 'write_run_params', 'start_run', 'record_failure', 'History', 'Recorder',
+           'resume_history', 'wandb_mode_for', 'init_wandb', 'plot_loss_curves', 'plot_heldout_curves', 'RunLogger']
 
 # %% ../nbs/15_records.ipynb #e96e9489
 SCHEMA_VERSION = 2
@@ -85,7 +85,7 @@ RECORD_FIELDS = (
     Field('results', 'bound_name', 'bound', 'nelbo (-log p(x)) | suffix_nelbo (-log p(suffix|prefix)) | recon_nelbo'),
     Field('results', 'heldout_bound_nats', 'bound_nats', 'held-out bound, nats per maskable token'),
     Field('results', 'heldout_bound_bits_per_token', 'bound_bits', 'held-out bound, bits per maskable token'),
-    Field('results', 'heldout_bound_se', None, 'its standard error over t draws (nats)'),
+    Field('results', 'heldout_bound_se', 'bound_se', 'its standard error over t draws (nats)'),
     Field('results', 'heldout_bound_draws', None, 't draws it took'),
     Field('results', 'heldout_bound_eval_s', None, 'wall seconds of that evaluation'),
     Field('results', 'samples', None, 'greedy samples of three fixed prompts: prompt, kind, text'),
@@ -398,8 +398,6 @@ def init_wandb(mode:str, # offline | online | disabled; WANDB_MODE=disabled in t
                       **kwargs)
 
 # %% ../nbs/15_records.ipynb #d62ef6ed
-BOUND_NAMES = ('recon_nelbo', 'nelbo', 'suffix_nelbo')   # the bounds a diffusion model reports (02_heads / 04)
-
 def _plot_floor(ax, floor:dict, ev:list):
     "Floor lines and the held-out [MASK]-position loss (MLM runs)."
     if ev and 'eval_mlm_loss_masked' in ev[-1]:
@@ -430,7 +428,7 @@ def plot_loss_curves(history:History|list, # `train`'s history (or its records)
                     lw=1, ls=':')
     if ev:
         ax.plot([r['step'] for r in ev], [r['eval_loss'] for r in ev], 'o-', ms=4, label='held-out task loss')
-        for b in (b for b in BOUND_NAMES if 'eval_' + b in ev[-1]):                 # one t draw per evaluation
+        for b in (b for b in BOUND_NAMES.values() if 'eval_' + b in ev[-1]):       # one t draw per evaluation
             ax.plot([r['step'] for r in ev], [r.get('eval_' + b) for r in ev], 's--', ms=3, label=f'held-out {b}')
     _plot_floor(ax, h.last('floor'), ev)
     if bound is not None:

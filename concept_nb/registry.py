@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 import nbformat
 import pandas as pd
-from .records import (DATE_RE, RUN_KINDS, RUN_STATUSES, SCHEMA_VERSION, TOP_KEYS, read_record, record_columns,
+from .records import (DATE_RE, RUN_KINDS, RUN_STATUSES, SCHEMA_VERSION, TOP_KEYS, RECORD_FIELDS, read_record,
+                                record_columns,
                                 task_list,
                                 source_run_of, upgrade_record)
 from .runs import TEMPLATES, metrics_from_notebook
@@ -314,6 +315,9 @@ REGISTRY_COLUMNS = ['run_id', 'date', 'kind', 'status', 'run_name', 'model_type'
                     'checkpoint', 'source_run', 'source_run_id', 'control', 'tasks', 'n_train', 'n_dev', 'skipped',
                     'glue', 'glue_best', 'error', 'record',
                     'run_dir', 'parameters', 'metrics', 'params_json', 'run_json', 'model_config']
+# every column a record declares (RECORD_FIELDS) is a registry column: one declaration, none silently dropped
+REGISTRY_COLUMNS += [c for c in dict.fromkeys(f.column for f in RECORD_FIELDS if f.column)
+                     if c not in REGISTRY_COLUMNS]
 
 def _record_ids(runs_dir:Path) -> list[str]:
     ids = set()

@@ -145,7 +145,10 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
              "from before it was logged); GLUE scores (x100, final epoch) come from the completed GLUE runs linked to "
              "each pretraining run. Below context-free floor: the context-free floor minus the held-out MLM loss at "
              "[MASK]-replaced positions, ± its standard error (positive: the model uses context; '—': "
-             "not an MLM run or a record from before it was logged).",
+             "not an MLM run or a record from before it was logged). Held-out bound: a diffusion LM's bound on "
+             "held-out data per maskable token, ± its SE over t draws, named for what it bounds (nelbo: -log p(x), "
+             "comparable across models; suffix_nelbo: -log p(suffix | prefix); recon_nelbo: -log p(x | concepts(x)), "
+             "a reconstruction bound, not a perplexity).",
              "Sweep runs show their sweep id / configuration hash; the seeds of a configuration are listed together.",
              '']
     pre = _by_config([r for r in rows if r.kind == 'pretrain'])
@@ -153,10 +156,10 @@ def experiment_log(df:pd.DataFrame, # `load_registry` output
     if pre:
         lines.append(md_table(
             ['date', 'run id', 'sweep/config', 'status', 'architecture', 'data', 'machine', 'steps',
-             'concept losses (weighting)', 'task loss', 'below context-free floor (nats)', 'eff. rank',
-             'input dependence', 'GLUE', 'speed', 'record'],
+             'concept losses (weighting)', 'task loss', 'below context-free floor (nats)',
+             'held-out bound (diffusion LMs)', 'eff. rank', 'input dependence', 'GLUE', 'speed', 'record'],
             [[_v(r, 'date'), r.run_name, _config(r), _status(r), _arch(r), _v(r, 'data'), _v(r, 'machine'),
-              _fmt(_v(r, 'steps'), 0), _losses(r), _fmt(_v(r, 'task_loss'), 3), _below(r), _rank(r),
+              _fmt(_v(r, 'steps'), 0), _losses(r), _fmt(_v(r, 'task_loss'), 3), _below(r), _bound(r), _rank(r),
               _fmt(_v(r, 'input_dependence'), 3), _glue_cell(df, r.run_id), _speed(r),
               _link(_v(r, 'record'), rel_to)] for r in pre]))
     else: lines.append('No pretraining runs yet.')
@@ -197,6 +200,12 @@ def _pm(x, s, nd:int=3) -> str:
 def _below(r) -> str:
     "Distance below the context-free floor at [MASK] ± its SE; '—' where the record has none."
     return _pm(_v(r, 'below_floor_masked'), _v(r, 'below_floor_masked_se'))
+
+def _bound(r) -> str:
+    "A diffusion LM's held-out bound, named for what it bounds: 'nelbo 5.123 ± 0.004 nats (7.391 bits)'; '' otherwise."
+    if _v(r, 'bound_nats') is None: return ''
+    bits = f" ({_fmt(_v(r, 'bound_bits'), 3)} bits)" if _v(r, 'bound_bits') is not None else ''
+    return f"{_v(r, 'bound') or 'bound'} {_pm(_v(r, 'bound_nats'), _v(r, 'bound_se'))} nats{bits}"
 
 def _glue_cell(df:pd.DataFrame, run_id:str) -> str:
     "A pretraining run's GLUE scores, then its random-init control's."

@@ -19,8 +19,8 @@ from .core import ParamError, check_params, resolve_device
 from .checkpoints import (CHECKPOINT_DIR, set_rng_state, resume_point, save_model, save_checkpoint,
                                     load_model_weights, load_checkpoint)
 from .records import (History, Recorder, resume_history, make_record, write_record, start_run,
-                                write_run_params, record_failure, init_wandb, BOUND_NAMES)
-from .diffusion_lm import heldout_bound, diffusion_samples
+                                write_run_params, record_failure, init_wandb)
+from .diffusion_lm import BOUND_NAMES, heldout_bound, diffusion_samples
 from .pretrain import (SCHEDULES, PRETRAIN_DEFAULTS, PRETRAIN_TYPES, PRETRAIN_RULES,
                                 BatchStream, derive_seed, resolve_params, build_pretraining)
 
@@ -168,7 +168,7 @@ def evaluate(model:nn.Module, # the (unwrapped) pretraining model
                 lg = getattr(out, 'logits', None) if lg is None else lg
                 if mlm is not None and lg is not None: mlm.add(lg, batch['labels'], batch['input_ids'])
                 vals = {'eval_loss': out.loss.float()}
-                for b in BOUND_NAMES:                                         # each bound under its own name
+                for b in BOUND_NAMES.values():                                # each bound under its own name
                     if getattr(out, b, None) is not None: vals[f'eval_{b}'] = getattr(out, b).float()
                 if loss_manager is not None and getattr(loss_manager, 'names', None):
                     _, br = loss_manager(out.loss.float(), out.concepts)
@@ -218,7 +218,7 @@ def _fmt_eval(r:dict) -> str:
     if 'below_floor_masked' in r:
         s += (f" | [MASK] {r['eval_mlm_loss_masked']:.4f} ± {r['eval_mlm_loss_masked_se']:.4f}, below the floor by "
               f"{r['below_floor_masked']:.4f} ± {r['below_floor_masked_se']:.4f}")
-    s += ''.join(f" | {b} {r['eval_' + b]:.4f}" for b in BOUND_NAMES if 'eval_' + b in r)
+    s += ''.join(f" | {b} {r['eval_' + b]:.4f}" for b in BOUND_NAMES.values() if 'eval_' + b in r)
     if 'concept/effective_rank' not in r: return s                        # a model without concepts
     return s + (f" | eff. rank {r['concept/effective_rank']:.2f} | RankMe {r['concept/rankme']:.2f}"
                 f" | mean |cos| {r['concept/mean_concept_similarity']:.3f}"

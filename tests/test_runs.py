@@ -1,5 +1,5 @@
 "Run records, registry, experiment log, comparison and CLI of concept_nb.runs, on real papermill records."
-import datetime as dt, json, os, re, subprocess, sys, threading, textwrap
+import datetime as dt, json, math, os, re, subprocess, sys, threading, textwrap
 from pathlib import Path
 
 import nbformat, pandas as pd, papermill as pm, pytest
@@ -374,3 +374,20 @@ def test_compare_out_writes_report_bars_and_curves(tmp_path, capsys):
     md = out.read_text()
     assert 'below context-free floor (nats)' in md and '0.04 ± 0.01' in md and '0.2 ± 0.01' in md, md
     assert 'cmp-curves.png' in capsys.readouterr().out
+
+
+def test_experiment_log_shows_diffusion_bounds(tmp_path):
+    "A diffusion LM's held-out bound in the log, named for what it bounds, ± its SE, in nats and bits; blank for MLM."
+    from concept_nb.records import write_record
+    from concept_nb.report import experiment_log
+    runs = tmp_path/'runs'
+    write_record(runs/'2026-01-01_lm', 'pretrain', 'completed', run_name='lm', model=dict(model_type='diffusion_lm'),
+                 results=dict(eval_loss=5.2, bound_name='nelbo', heldout_bound_nats=5.1234, heldout_bound_se=0.0042,
+                              heldout_bound_bits_per_token=5.1234 / math.log(2)))
+    write_record(runs/'2026-01-02_mlm', 'pretrain', 'completed', run_name='mlm', model=dict(model_type='perceiver_mlm'),
+                 results=dict(eval_loss=6.5))
+    log = experiment_log(RG.load_registry(runs))
+    assert 'held-out bound (diffusion LMs)' in log
+    lm = next(l for l in log.splitlines() if '| lm |' in l)
+    assert 'nelbo 5.123 ± 0.004 nats (7.392 bits)' in lm, lm
+    assert 'nats' not in next(l for l in log.splitlines() if '| mlm |' in l)
