@@ -88,8 +88,9 @@ def _expected(self, counts:Tensor) -> dict:
     k, r, K = self.keep_p, self.random_p, self.num_candidates
     b = r / K
     masked = float(-(p * ly).sum())
-    lk = -ly - math.log(k + b) + torch.log(k * q + b)                     # kept, per label
-    out = dict(masked=masked, kept=float((p * lk).sum()) if k > 0 else math.nan, random=math.nan)
+    out = dict(masked=masked, kept=math.nan, random=math.nan)             # no kept/random positions: nan
+    if k + b > 0: lk = -ly - math.log(k + b) + torch.log(k * q + b)      # kept, per label (log 0 when all masked)
+    if k > 0: out['kept'] = float((p * lk).sum())
     if r > 0:
         S = torch.log(k * q + b).sum()
         lr = (lk + (K - 1) * (-ly - math.log(b)) + S - torch.log(k * q + b)) / K

@@ -1,13 +1,11 @@
 "The sentence-transformers export (concept_nb.embeddings): the vectors of `sentence_embedding`, GLUE's zero-shot STS-B."
-import os, subprocess, sys
+import os
 from pathlib import Path
 import numpy as np, pytest, torch
 
-from concept_nb.checkpoints import save_model
-from concept_nb.data import load_tokenizer
-from concept_nb.embeddings import export_sentence_transformer, sentence_encoder_from
-from concept_nb.glue import load_splits, take_subset, tiny_config, zero_shot_task
-from concept_nb.heads import ConceptEncoderForMaskedLM, sentence_embedding
+from concept_nb.embeddings import sentence_encoder_from
+from concept_nb.glue import load_splits, take_subset, zero_shot_task
+from concept_nb.heads import sentence_embedding
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = Path(os.environ.get('CONCEPT_NB_GLUE_DIR') or REPO.parent/'shared'/'data'/'glue')
@@ -16,26 +14,9 @@ MAX_LENGTH, N_DEV = 24, 96   # short enough that some STS-B pairs are truncated
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-    "A tiny random concept checkpoint and its sentence-transformers export."
-    tmp, tok = tmp_path_factory.mktemp('st'), load_tokenizer('embedded')
-    torch.manual_seed(3)
-    model = ConceptEncoderForMaskedLM(tiny_config(tok, concept_num=6))
-    save_model(model, tok, tmp/'ck')
-    return tmp/'ck', export_sentence_transformer(tmp/'ck', tmp/'st', max_seq_length=MAX_LENGTH), tok
-
-
-@pytest.fixture(scope='module', autouse=True)
-def plain_import(exported):
-    "A fresh process: `import concept_nb`, then SentenceTransformer(path) without trust_remote_code or the hub;"
-    "started with the module so it runs beside the tests in this process."
-    code = ("import concept_nb; from sentence_transformers import SentenceTransformer; "
-            f"m = SentenceTransformer({str(exported[1])!r}, device='cpu', local_files_only=True); "
-            "print(m.encode(['a test']).shape, m.max_seq_length)")
-    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, 'HF_HUB_OFFLINE': '1'})
-    yield p
-    if p.poll() is None: p.kill()
+def exported(st_export):
+    "A tiny random concept checkpoint and its sentence-transformers export (made with the session: tests/conftest.py)."
+    return st_export.ck, st_export.st, st_export.tok
 
 
 def _st(path):
@@ -95,7 +76,7 @@ def test_cli_export_st(exported, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith('concept-nb export-st: error:') and why in err[0], err
 
 
-def test_loads_after_plain_import(plain_import):      # last: its process has been running beside the tests above
-    out, err = plain_import.communicate(timeout=120)
-    assert plain_import.returncode == 0, err[-1500:]
+def test_loads_after_plain_import(st_export):     # its process started with the session (tests/conftest.py)
+    out, err = st_export.plain_import.communicate(timeout=120)
+    assert st_export.plain_import.returncode == 0, err[-1500:]
     assert f'(1, 32) {MAX_LENGTH}' in out, out

@@ -59,7 +59,7 @@ def test_ctrl_c_says_one_line_and_resume_continues_the_same_run(tmp_path, capfd)
     "`pretrain --resume` continues in the same folder to the same history as an uninterrupted run."
     runs = tmp_path / 'runs'
     p = subprocess.Popen([sys.executable, '-m', 'concept_nb.cli', 'pretrain', '--direct', '--runs-dir', str(runs),
-                          '-p', 'steps', '60'], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          '-p', 'steps', '30'], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True,               # a shell's job: Ctrl-C is not ignored
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
@@ -78,11 +78,11 @@ def test_ctrl_c_says_one_line_and_resume_continues_the_same_run(tmp_path, capfd)
     capfd.readouterr()
     assert CLI.main(['pretrain', '--resume', str(run_dir)]) == 0       # direct, as it was started
     out = capfd.readouterr().out
-    assert 'resumed from' in out and 'step 60/60' in out and not _noise(out), out
+    assert 'resumed from' in out and 'step 30/30' in out and not _noise(out), out
     reg = RG.load_registry(runs)
-    assert reg.status.tolist() == ['completed'] and reg.steps.tolist() == [60] and len(list(runs.iterdir())) == 1
+    assert reg.status.tolist() == ['completed'] and reg.steps.tolist() == [30] and len(list(runs.iterdir())) == 1
     from concept_nb.train import run_pretraining                        # the same parameters, never interrupted
-    run_pretraining({'run_dir': str(tmp_path / 'ref'), 'steps': 60}, log=lambda *a: None)
+    run_pretraining({'run_dir': str(tmp_path / 'ref'), 'steps': 30}, log=lambda *a: None)
     assert _history(run_dir) == _history(tmp_path / 'ref')
 
 
