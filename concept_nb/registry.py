@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 import nbformat
 import pandas as pd
-from .records import (DATE_RE, RUN_KINDS, RUN_STATUSES, SCHEMA_VERSION, TOP_KEYS, RECORD_FIELDS, read_record,
-                                record_columns,
-                                task_list,
-                                source_run_of, upgrade_record)
+from .records import (DATE_RE, RUN_KINDS, RUN_STATUSES, SCHEMA_VERSION, TOP_KEYS, RECORD_FIELDS,
+                                read_record, record_columns, task_list, source_run_of, upgrade_record)
 from .runs import TEMPLATES, metrics_from_notebook
 from .runs import _NOVAL, _ast_params, _literal, _read_json
 
